@@ -1,0 +1,122 @@
+/* Shared by every tuner's BPF program: the event record, the one ring buffer all tuners
+ * write to, rate limiting, and the learning-rate arithmetic.
+ *
+ * Compiled by BCC with -D constants from the engine:
+ *   TUNER_ID, LEARNING_SHIFT, BPFTUNE_PID, and OFF_* byte offsets of kernel struct fields
+ *   resolved from the running kernel's BTF (never from header layouts, which are from
+ *   another kernel on our machines).
+ */
+#pragma once
+
+#define BPFTUNE_MAX_VALUES 3
+#define BPFTUNE_STR_LEN 128
+#define RATE_LIMIT_NS (25 * 1000000ULL)	/* one event per (netns, tuner, tunable) per 25 ms */
+
+struct bpftune_event {
+	u32 tuner_id;
+	u32 scenario_id;
+	u64 netns_cookie;
+	s32 pid;
+	u32 tunable_id;
+	s64 old[BPFTUNE_MAX_VALUES];
+	s64 new[BPFTUNE_MAX_VALUES];
+	s64 metric[2];		/* e.g. smoothed RTT, for correlation with changes */
+	char str[BPFTUNE_STR_LEN];
+};
+
+/* The ring buffer is created once by the engine's core object and shared by name with every
+ * tuner's object (BCC "export"/"extern" tables), so userspace polls one buffer. */
+struct bpftune_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+
+struct rate_key {
+	u64 netns_cookie;
+	u32 tuner_id;
+	u32 tunable_id;
+};
+
+#ifdef BPFTUNE_CORE
+__attribute__((section("maps/ringbuf")))
+struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
+__attribute__((section("maps/export")))
+struct bpftune_events_table_t __bpftune_events;
+BPF_TABLE_PUBLIC("lru_hash", struct rate_key, u64, bpftune_last_event, 16384);
+#else
+__attribute__((section("maps/extern")))
+struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
+BPF_TABLE("extern", struct rate_key, u64, bpftune_last_event, 16384);
+
+#define GROW(v)	((v) + max_t(s64, (v) >> LEARNING_SHIFT, 1))
+#define SHRINK(v) ((v) - max_t(s64, (v) >> LEARNING_SHIFT, 1))
+#define NEARLY_FULL(v, lim) ((v) >= (lim) || (v) + ((lim) >> LEARNING_SHIFT) >= (lim))
+
+#ifndef max_t
+#define max_t(type, a, b) ((type)(a) > (type)(b) ? (type)(a) : (type)(b))
+#endif
+
+/* Read a kernel field at a BTF-resolved offset. */
+#define READ_AT(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
+
+static __always_inline void *sk_net(void *sk)
+{
+	void *net = NULL;
+
+	READ_AT(net, sk, OFF_SK_NET);
+	return net;
+}
+
+static __always_inline u64 net_cookie(void *net)
+{
+	u64 cookie = 0;
+
+	READ_AT(cookie, net, OFF_NET_COOKIE);
+	return cookie;
+}
+
+/* True if an event for this (netns, tunable) was sent less than RATE_LIMIT_NS ago;
+ * otherwise records now as the last event time. */
+static __always_inline bool rate_limited(u64 cookie, u32 tunable_id)
+{
+	struct rate_key key = { .netns_cookie = cookie, .tuner_id = TUNER_ID,
+				.tunable_id = tunable_id };
+	u64 now = bpf_ktime_get_ns();
+	u64 *last = bpftune_last_event.lookup(&key);
+
+	if (last && now - *last < RATE_LIMIT_NS)
+		return true;
+	bpftune_last_event.update(&key, &now);
+	return false;
+}
+
+/* Propose changing a tunable from old to new values in a netns; rate limited. */
+static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunable_id,
+					     s64 *old, s64 *new, int nvalues, s64 metric)
+{
+	struct bpftune_event ev = {};
+
+	if (rate_limited(cookie, tunable_id))
+		return 0;
+	ev.tuner_id = TUNER_ID;
+	ev.scenario_id = scenario;
+	ev.netns_cookie = cookie;
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	ev.tunable_id = tunable_id;
+#pragma unroll
+	for (int i = 0; i < BPFTUNE_MAX_VALUES; i++) {
+		if (i < nvalues) {
+			ev.old[i] = old[i];
+			ev.new[i] = new[i];
+		}
+	}
+	ev.metric[0] = metric;
+	bpftune_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return 1;
+}
+#endif /* BPFTUNE_CORE */

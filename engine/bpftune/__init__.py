@@ -1,0 +1,3 @@
+"""bpftune: BPF-driven auto-tuning of Linux network sysctls."""
+
+__version__ = "0.1.0"

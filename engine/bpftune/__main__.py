@@ -1,0 +1,3 @@
+from bpftune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Loading BPF programs with BCC: the shared ring buffer, per-tuner objects, cgroup attach.
+
+Every tuner's program is its own BCC module (compiled once at start, so one broken tuner
+never takes the others down); all of them write to the one ring buffer created by the core
+module, which the engine polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bpftune.btf import Btf, Field, offset_defines
+from bpftune.events import Event
+from bpftune.learning import LearningRate
+from bpftune.log import log
+
+RUN_DIR = "/run/bpftune"
+COMMON_FIELDS = {
+    "OFF_SK_NET": Field("sock.__sk_common.skc_net", 8),
+    "OFF_NET_COOKIE": Field("net.net_cookie", 8),
+}
+SHARED_HEADER = "bpftune.bpf.h"
+BPF_F_ALLOW_MULTI = 2
+BPF_PROG_TYPE_CGROUP_SYSCTL = 23  # BCC 0.26 has no name for it
+BPF_CGROUP_SYSCTL = 18  # enum bpf_attach_type
+BPF_PROG_NAME_LEN = 15  # the kernel keeps 15 characters of a program's name
+
+
+class BpfError(Exception):
+    pass
+
+
+def bpf_dir() -> Path:
+    """Where the BPF sources are: a checkout, an installed wheel, or the RPM's location."""
+    candidates = [
+        os.environ.get("BPFTUNE_BPF_DIR"),
+        Path(__file__).resolve().parents[2] / "bpf",
+        Path(sys.prefix) / "share/bpftune/bpf",
+        "/usr/share/bpftune/bpf",
+        "/usr/local/share/bpftune/bpf",
+    ]
+    for c in candidates:
+        if c and (Path(c) / SHARED_HEADER).is_file():
+            return Path(c)
+    raise BpfError("cannot find the BPF sources (bpftune.bpf.h); set BPFTUNE_BPF_DIR")
+
+
+@contextlib.contextmanager
+def compiler_output_to_log() -> Iterator[None]:
+    """BCC prints compiler diagnostics on fd 2: show them only when debugging."""
+    if log.level >= 7:
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _bcc():
+    try:
+        import bcc
+    except ImportError as e:
+        raise BpfError("BCC is not installed (python3-bpfcc / python3-bcc)") from e
+    return bcc
+
+
+class Programs:
+    """The core BPF module (ring buffer, rate-limit map) and compilation of tuner programs."""
+
+    def __init__(self, btf: Btf, learning_rate: LearningRate,
+                 on_event: Callable[[Event], None]) -> None:
+        self.btf = btf
+        self.dir = bpf_dir()
+        self.learning_rate = learning_rate
+        self.on_event = on_event
+        self.events_received = 0
+        bcc = _bcc()
+        with compiler_output_to_log():
+            try:
+                self.core = bcc.BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n',
+                                    cflags=[f"-I{self.dir}"])
+            except Exception as e:
+                raise BpfError(f"cannot create the BPF ring buffer: {e}") from e
+        # Keep a reference: BCC holds only a C pointer to the callback.
+        self._callback = self._on_ring_buffer
+        self.core["bpftune_events"].open_ring_buffer(self._callback)
+
+    def _on_ring_buffer(self, _ctx, data, size) -> int:
+        event = Event.from_buffer_address(data, size)
+        if event is None:
+            log.err(f"unexpected size event {size}")
+            return 0
+        self.events_received += 1
+        self.on_event(event)
+        return 0
+
+    def _text(self, source: Path) -> bytes:
+        """The source with bpftune.bpf.h pasted in: BCC rewrites map method calls
+        (``bpftune_events.ringbuf_output(...)``) only in the main file, not in headers."""
+        header = (self.dir / SHARED_HEADER).read_text()
+        return source.read_text().replace(f'#include "{SHARED_HEADER}"', header).encode()
+
+    def compile(self, source: Path, tuner_id: int, fields: dict[str, Field]):
+        """Compile a tuner's BPF source; tracepoints attach automatically."""
+        cflags = [
+            f"-I{self.dir}",
+            f"-DTUNER_ID={tuner_id}",
+            f"-DLEARNING_SHIFT={self.learning_rate.shift}",
+            f"-DBPFTUNE_PID={os.getpid()}",
+            *offset_defines(self.btf, COMMON_FIELDS | fields),
+        ]
+        with compiler_output_to_log():
+            try:
+                return _bcc().BPF(text=self._text(source), cflags=cflags)
+            except Exception as e:
+                raise BpfError(f"cannot load BPF program {source.name}: {e}") from e
+
+    def poll(self, timeout_ms: int) -> None:
+        self.core.ring_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        self.core.cleanup()
+
+
+def _libc_mount(source: str, target: str, fstype: str) -> None:
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"cannot mount {fstype} at {target}: {os.strerror(err)}")
+
+
+def _libc_umount(target: str) -> None:
+    libc = ct.CDLL(None, use_errno=True)
+    libc.umount(target.encode())
+
+
+def mounted_fstype(path: str) -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == path:
+                return fields[fields.index("-") + 1]
+    return None
+
+
+def ensure_tracefs(path: str = "/sys/kernel/tracing") -> None:
+    """Tracepoints need tracefs; a fresh machine may not have it mounted."""
+    if not os.path.isdir(os.path.join(path, "events")):
+        _libc_mount("none", path, "tracefs")
+
+
+def tracepoint_exists(name: str) -> bool:
+    return os.path.isdir(f"/sys/kernel/tracing/events/{name}")
+
+
+class Cgroup:
+    """A cgroup2 mount whose root covers every process; cgroup programs attach here."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.realpath(path)
+        os.makedirs(self.path, exist_ok=True)
+        # Unmount at exit what we mounted, and also a mount a killed bpftune left in its
+        # run directory.
+        self.owned = self.path.startswith(RUN_DIR + "/")
+        if mounted_fstype(self.path) != "cgroup2":
+            _libc_mount("none", self.path, "cgroup2")
+            self.owned = True
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def detach_stale(self, names: list[str]) -> None:
+        """Detach programs left attached by a bpftune that was killed (kill -9)."""
+        try:
+            out = subprocess.run(["bpftool", "-j", "cgroup", "show", self.path],
+                                 capture_output=True, check=True, text=True).stdout
+            attached = json.loads(out or "[]")
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return
+        prefixes = {n[:BPF_PROG_NAME_LEN] for n in names}
+        for prog in attached:
+            if prog.get("name") in prefixes:
+                log.debug(f"detaching old BPF program '{prog['name']}'")
+                subprocess.run(["bpftool", "cgroup", "detach", self.path,
+                                prog["attach_type"], "id", str(prog["id"])],
+                               capture_output=True, check=False)
+
+    def attach(self, bpf, fn_name: str, prog_type: int, attach_type: int) -> None:
+        fn = bpf.load_func(fn_name.encode(), prog_type)
+        bpf.attach_func(fn, self.fd, attach_type, BPF_F_ALLOW_MULTI)
+
+    def detach(self, bpf, fn_name: str, attach_type: int) -> None:
+        with contextlib.suppress(Exception):
+            bpf.detach_func(bpf.funcs[fn_name.encode()], self.fd, attach_type)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.owned:
+            _libc_umount(self.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)

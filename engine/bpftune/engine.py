@@ -1,0 +1,214 @@
+"""The daemon: load tuners, poll the shared ring buffer, dispatch events, and on exit
+summarize (and with -R roll back) every change."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bpftune import __version__, plugins
+from bpftune.bpf import RUN_DIR, Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
+from bpftune.btf import Btf, BtfError
+from bpftune.changes import Changes, StateFile
+from bpftune.correlation import Correlations
+from bpftune.events import Event
+from bpftune.learning import LearningRate
+from bpftune.log import log
+from bpftune.netns import Namespaces
+from bpftune.sysctl import SysctlError
+from bpftune.tuner import Tuner, TunerState
+
+DEFAULT_CGROUP = f"{RUN_DIR}/cgroupv2"
+DEFAULT_STATE_DIR = "/var/lib/bpftune"
+POLL_MS = 100
+TICK_SECONDS = 1.0
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message is the one line the user sees."""
+
+
+@dataclass
+class Options:
+    learning_rate: int = 4
+    rollback: bool = False
+    cgroup: str = DEFAULT_CGROUP
+    allow: list[str] = field(default_factory=list)
+    plugin_dir: str = plugins.DEFAULT_PLUGIN_DIR
+    state_dir: str = field(default_factory=lambda: os.environ.get("BPFTUNE_STATE_DIR",
+                                                                  DEFAULT_STATE_DIR))
+
+
+class Engine:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.learning_rate = LearningRate(options.learning_rate)
+        self.correlations = Correlations()
+        self.tuners: list[Tuner] = []
+        self.started = time.time()
+        self.stopping = False
+        self.namespaces: Namespaces | None = None
+        self.changes: Changes | None = None
+        self.programs: Programs | None = None
+        self.cgroup: Cgroup | None = None
+        self._lock_fd: int | None = None
+
+    # Start-up.
+    def start(self) -> None:
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        self._lock_single_instance()
+        self.namespaces = Namespaces()
+        self.changes = Changes(self.namespaces, StateFile(self.options.state_dir))
+        self.changes.adopt_leftovers()
+        try:
+            ensure_tracefs()
+            btf = Btf.load()
+            self.cgroup = Cgroup(self.options.cgroup)
+            self.programs = Programs(btf, self.learning_rate, self.dispatch)
+        except (OSError, BtfError) as e:
+            raise StartError(str(e)) from None
+        for cls in plugins.discover(self.options.allow, self.options.plugin_dir):
+            self.load(cls)
+        if not self.active_tuners():
+            raise StartError("no tuners could be loaded")
+        for ref in self.namespaces.scan():
+            log.debug(f"found netns {ref.path} (cookie {ref.cookie})")
+        names = ", ".join(t.name for t in self.active_tuners())
+        log.notice(f"bpftune v{__version__} started; active tuners: {names}")
+
+    def _lock_single_instance(self) -> None:
+        path = f"{RUN_DIR}/bpftune.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 32, 0).decode().strip()
+            os.close(fd)
+            raise StartError(f"bpftune is already running (pid {other})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def load(self, cls: type[Tuner]) -> Tuner | None:
+        tuner = cls(self, len(self.tuners))
+        try:
+            self._check_requirements(tuner)
+            self._check_tunables(tuner)
+            if tuner.bpf_source:
+                source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
+                tuner.bpf = self.programs.compile(source, tuner.id, tuner.fields)
+            tuner.init()
+        except Exception as e:
+            log.err(f"error initializing '{tuner.name}': {e}")
+            self._unload_bpf(tuner)
+            return None
+        tuner.state = TunerState.ACTIVE
+        self.tuners.append(tuner)
+        log.debug(f"successfully initialized tuner {tuner!r}")
+        return tuner
+
+    def _check_requirements(self, tuner: Tuner) -> None:
+        missing = [tp for tp in tuner.tracepoints if not tracepoint_exists(tp)]
+        if missing:
+            raise RuntimeError(f"tracepoint {', '.join(missing)} not available")
+
+    def _check_tunables(self, tuner: Tuner) -> None:
+        for t in tuner.tunables:
+            if not t.sysctl:
+                continue
+            try:
+                value = self.changes.read(t)
+            except SysctlError as e:
+                if t.optional:
+                    log.debug(f"{tuner.name}: optional {e}")
+                    continue
+                raise
+            if not t.string and len(value) != t.values:
+                raise RuntimeError(f"'{t.name}' has {len(value)} values, expected {t.values}")
+
+    def active_tuners(self) -> list[Tuner]:
+        return [t for t in self.tuners if t.state is TunerState.ACTIVE]
+
+    # Running.
+    def dispatch(self, event: Event) -> None:
+        if event.tuner_id >= len(self.tuners):
+            log.err(f"no tuner for id {event.tuner_id}")
+            return
+        tuner = self.tuners[event.tuner_id]
+        active = tuner.state is TunerState.ACTIVE and not self.changes.is_manual(
+            tuner, event.netns_cookie)
+        log.debug(f"event scenario [{event.scenario_id}] for tuner {tuner!r} netns "
+                  f"{event.netns_cookie} "
+                  f"{'sent' if active else 'skipped due to inactive tuner/netns'}")
+        if not active:
+            return
+        try:
+            tuner.handle(event)
+        except Exception as e:  # one tuner's bug must not stop the daemon
+            log.err(f"{tuner.name}: error handling event: {e!r}")
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        next_tick = time.monotonic() + TICK_SECONDS
+        while not self.stopping:
+            self.programs.poll(POLL_MS)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_SECONDS
+                for tuner in self.active_tuners():
+                    try:
+                        tuner.tick(now)
+                    except Exception as e:
+                        log.err(f"{tuner.name}: error in periodic check: {e!r}")
+
+    def _on_signal(self, _signum, _frame) -> None:
+        self.stopping = True
+
+    # Administrator overrides.
+    def disable(self, tuner: Tuner, cookie: int) -> None:
+        """Hand ``tuner`` over to the administrator in one netns, or everywhere if global."""
+        if self.namespaces.is_global(cookie):
+            self.changes.manual.add((tuner.name, 0))
+            self.finish(tuner, TunerState.MANUAL)
+        else:
+            log.debug(f"setting state of netns (cookie {cookie}) to manual for '{tuner.name}'")
+            self.changes.manual.add((tuner.name, cookie))
+
+    # Shutdown.
+    def finish(self, tuner: Tuner, state: TunerState) -> None:
+        """Summarize a tuner's work, roll it back with -R, unload it."""
+        if tuner.state is not TunerState.ACTIVE:
+            return
+        with contextlib.suppress(Exception):
+            tuner.fini()
+        for line in tuner.summarize() + self.changes.summary(tuner):
+            log.notice(line)
+        if self.options.rollback:
+            self.changes.rollback(tuner.name)
+        self._unload_bpf(tuner)
+        tuner.state = state
+
+    def _unload_bpf(self, tuner: Tuner) -> None:
+        if tuner.bpf is not None:
+            tuner.bpf.cleanup()
+            tuner.bpf = None
+
+    def stop(self) -> None:
+        for tuner in self.tuners:
+            self.finish(tuner, TunerState.INACTIVE)
+        if self.options.rollback and self.changes is not None:
+            self.changes.rollback()  # what earlier runs of tuners not loaded now left behind
+        if self.programs is not None:
+            self.programs.close()
+        if self.cgroup is not None:
+            self.cgroup.close()
+        if self.namespaces is not None:
+            self.namespaces.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)

@@ -1,0 +1,30 @@
+"""Kernel counters from /proc/net (read in whatever netns the calling thread is in)."""
+
+from __future__ import annotations
+
+
+def _pairs(path: str) -> dict[str, int]:
+    """``Prefix: name name`` / ``Prefix: value value`` line pairs -> {"Prefix:name": value}."""
+    counters: dict[str, int] = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for header, values in zip(lines[::2], lines[1::2]):
+        prefix, *names = header.split()
+        for name, value in zip(names, values.split()[1:]):
+            counters[f"{prefix}{name}"] = int(value)
+    return counters
+
+
+def counters() -> dict[str, int]:
+    """TcpExt/IpExt (netstat) and Ip/Tcp/Udp (snmp) counters, e.g. ``TcpExt:SyncookiesRecv``."""
+    return _pairs("/proc/net/netstat") | _pairs("/proc/net/snmp")
+
+
+def tcp_memory_pages() -> int:
+    """Pages of memory TCP uses now (the ``mem`` field of the TCP line of sockstat)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                words = line.split()
+                return int(words[words.index("mem") + 1])
+    return 0

@@ -1,0 +1,180 @@
+"""Test helpers: sysctls restored after use, namespaces with veths, the daemon, iperf3."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2 import netns as pyroute2_netns
+
+REPO = Path(__file__).resolve().parents[1]
+BPFTUNE = str(Path(sys.executable).parent / "bpftune")
+
+
+def ns_prefix(ns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", ns] if ns else []
+
+
+def read_sysctl(name: str, ns: str | None = None) -> str:
+    path = "/proc/sys/" + name.replace(".", "/")
+    out = subprocess.run([*ns_prefix(ns), "cat", path], check=True, capture_output=True,
+                         text=True).stdout
+    return " ".join(out.split())
+
+
+def write_sysctl(name: str, value: str, ns: str | None = None) -> None:
+    path = "/proc/sys/" + name.replace(".", "/")
+    subprocess.run([*ns_prefix(ns), "sh", "-c", f'echo "{value}" > {path}'], check=True)
+
+
+def values(text: str) -> list[int]:
+    return [int(v) for v in text.split()]
+
+
+@dataclass
+class Sysctls:
+    """Sets sysctls for a test and puts every one back afterwards."""
+
+    saved: dict[tuple[str, str | None], str] = field(default_factory=dict)
+
+    def set(self, name: str, value: str, ns: str | None = None) -> None:
+        self.saved.setdefault((name, ns), read_sysctl(name, ns))
+        write_sysctl(name, value, ns)
+
+    def remember(self, name: str, ns: str | None = None) -> None:
+        self.saved.setdefault((name, ns), read_sysctl(name, ns))
+
+    def restore(self) -> None:
+        for (name, ns), value in self.saved.items():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                if read_sysctl(name, ns) != value:
+                    write_sysctl(name, value, ns)
+
+
+@dataclass
+class Hosts:
+    """The global netns and a test netns joined by a veth pair."""
+
+    ns: str
+    global_addr: str = "10.231.0.1"
+    ns_addr: str = "10.231.0.2"
+    global_if: str = "btv0"
+    ns_if: str = "btv1"
+
+    def create(self) -> None:
+        pyroute2_netns.create(self.ns)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=self.global_if, kind="veth", peer=self.ns_if)
+            (idx,) = ipr.link_lookup(ifname=self.global_if)
+            (peer,) = ipr.link_lookup(ifname=self.ns_if)
+            ipr.link("set", index=peer, net_ns_fd=self.ns)
+            ipr.addr("add", index=idx, address=self.global_addr, prefixlen=30)
+            ipr.link("set", index=idx, state="up")
+        with NetNS(self.ns) as nsr:
+            (peer,) = nsr.link_lookup(ifname=self.ns_if)
+            nsr.addr("add", index=peer, address=self.ns_addr, prefixlen=30)
+            nsr.link("set", index=peer, state="up")
+            (lo,) = nsr.link_lookup(ifname="lo")
+            nsr.link("set", index=lo, state="up")
+
+    def destroy(self) -> None:
+        with IPRoute() as ipr, contextlib.suppress(Exception):
+            for idx in ipr.link_lookup(ifname=self.global_if):
+                ipr.link("del", index=idx)
+        with contextlib.suppress(Exception):
+            pyroute2_netns.remove(self.ns)
+
+
+def netns_cookie(ns: str | None) -> int:
+    code = ("import socket;s=socket.socket();"
+            "print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET,71,8),'little'))")
+    out = subprocess.run([*ns_prefix(ns), sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out)
+
+
+class Iperf:
+    """An iperf3 server in one namespace, clients from another; processes ended by PID."""
+
+    def __init__(self, server_ns: str | None, server_addr: str, port: int = 5299) -> None:
+        self.server_addr = server_addr
+        self.port = port
+        self.server = subprocess.Popen(
+            [*ns_prefix(server_ns), "iperf3", "-s", "-p", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def run(self, client_ns: str | None, seconds: int = 3, *, reverse: bool = False,
+            streams: int = 1) -> None:
+        cmd = [*ns_prefix(client_ns), "iperf3", "-c", self.server_addr, "-p", str(self.port),
+               "-t", str(seconds), "-P", str(streams)]
+        if reverse:
+            cmd.append("-R")
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=seconds + 30)
+
+    def stop(self) -> None:
+        self.server.terminate()
+        self.server.wait(timeout=10)
+
+
+class Daemon:
+    """bpftune started in the foreground (-s) with its log captured."""
+
+    def __init__(self, state_dir: Path, *args: str, log_path: Path) -> None:
+        self.log_path = log_path
+        self.args = args
+        env = dict(os.environ, BPFTUNE_STATE_DIR=str(state_dir))
+        self.log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([BPFTUNE, "-s", *args], stderr=self.log_file,
+                                     stdout=self.log_file, env=env)
+        self.wait_for("started; active tuners", timeout=60)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, self.log):
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bpftune exited {self.proc.returncode}:\n{self.log}")
+            time.sleep(0.1)
+        raise AssertionError(f"no '{pattern}' in bpftune's log:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        self.log_file.close()
+        return rc
+
+
+def wait_until(predicate, timeout: float = 20, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@contextlib.contextmanager
+def daemon(tmp_path: Path, *args: str) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "state", *args, log_path=tmp_path / "bpftune.log")
+    try:
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.stop()
