@@ -21,6 +21,7 @@ struct bpftune_event {
 	s64 old[BPFTUNE_MAX_VALUES];
 	s64 new[BPFTUNE_MAX_VALUES];
 	s64 metric[2];		/* e.g. smoothed RTT, for correlation with changes */
+	char comm[16];		/* command of the task that caused the event */
 	char str[BPFTUNE_STR_LEN];
 };
 

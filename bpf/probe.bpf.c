@@ -9,7 +9,8 @@ int probe_cgroup_sysctl(struct bpf_sysctl *ctx)
 
 int probe_sockops(struct bpf_sock_ops *ops)
 {
-	return bpf_get_netns_cookie(ops) ? 1 : 1;
+	bpf_get_netns_cookie(ops);	/* the helper tcp_conn needs */
+	return 1;
 }
 
 int probe_raw_tracepoint(struct bpf_raw_tracepoint_args *ctx)

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from helpers import Hosts, Sysctls
+from helpers import Hosts, Sysctls, managed_sysctls, read_sysctl
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,3 +27,15 @@ def hosts():
     h.create()
     yield h
     h.destroy()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_left_as_found():
+    """Fail the run if any test leaves a sysctl bpftune manages changed (and put it back)."""
+    names = [n for n in managed_sysctls() if os.path.exists("/proc/sys/" + n.replace(".", "/"))]
+    before = {n: read_sysctl(n) for n in names}
+    yield
+    leaked = {n: (v, read_sysctl(n)) for n, v in before.items() if read_sysctl(n) != v}
+    restore = Sysctls(saved={(n, None): v for n, (v, _) in leaked.items()})
+    restore.restore()
+    assert not leaked, f"tests left sysctls changed (now restored): {leaked}"

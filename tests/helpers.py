@@ -26,6 +26,9 @@ def ns_prefix(ns: str | None) -> list[str]:
 
 def read_sysctl(name: str, ns: str | None = None) -> str:
     path = "/proc/sys/" + name.replace(".", "/")
+    if ns is None:
+        with open(path) as f:
+            return " ".join(f.read().split())
     out = subprocess.run([*ns_prefix(ns), "cat", path], check=True, capture_output=True,
                          text=True).stdout
     return " ".join(out.split())
@@ -130,12 +133,12 @@ class Iperf:
 class Daemon:
     """bpftune started in the foreground (-s) with its log captured."""
 
-    def __init__(self, state_dir: Path, *args: str, log_path: Path) -> None:
+    def __init__(self, state_dir: Path, *args: str, log_path: Path,
+                 prefix: list[str] | None = None) -> None:
         self.log_path = log_path
-        self.args = args
         env = dict(os.environ, BPFTUNE_STATE_DIR=str(state_dir))
         self.log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([BPFTUNE, "-s", *args], stderr=self.log_file,
+        self.proc = subprocess.Popen([*(prefix or []), BPFTUNE, *args], stderr=self.log_file,
                                      stdout=self.log_file, env=env)
         self.wait_for("started; active tuners", timeout=60)
 
@@ -170,11 +173,29 @@ def wait_until(predicate, timeout: float = 20, interval: float = 0.2) -> bool:
     return predicate()
 
 
+def managed_sysctls() -> list[str]:
+    """Every sysctl a built-in tuner may change."""
+    from bpftune.plugins import builtin_tuners
+
+    return [t.name for cls in builtin_tuners() for t in cls.tunables if t.sysctl]
+
+
 @contextlib.contextmanager
-def daemon(tmp_path: Path, *args: str) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "state", *args, log_path=tmp_path / "bpftune.log")
+def daemon(tmp_path: Path, *args: str, stderr: bool = True,
+           prefix: list[str] | None = None) -> Iterator[Daemon]:
+    """bpftune in the foreground, logging to stderr (-s) unless ``stderr`` is False.
+
+    Whatever the daemon changes in the global netns is put back afterwards, so that a test
+    that runs it without -R (or kills it) leaves the machine as it found it."""
+    saved = Sysctls()
+    for name in managed_sysctls():
+        with contextlib.suppress(subprocess.CalledProcessError, OSError):
+            saved.remember(name)
+    d = Daemon(tmp_path / "state", *(["-s"] if stderr else []), *args,
+               log_path=tmp_path / "bpftune.log", prefix=prefix)
     try:
         yield d
     finally:
         if d.proc.poll() is None:
             d.stop()
+        saved.restore()

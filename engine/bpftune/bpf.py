@@ -190,11 +190,15 @@ class Cgroup:
             return
         prefixes = {n[:BPF_PROG_NAME_LEN] for n in names}
         for prog in attached:
-            if prog.get("name") in prefixes:
-                log.debug(f"detaching old BPF program '{prog['name']}'")
-                subprocess.run(["bpftool", "cgroup", "detach", self.path,
-                                prog["attach_type"], "id", str(prog["id"])],
-                               capture_output=True, check=False)
+            if prog.get("name", "")[:BPF_PROG_NAME_LEN] not in prefixes:
+                continue
+            log.debug(f"detaching old BPF program '{prog['name']}'")
+            # bpftool names the attach type "cgroup_sysctl"; older ones only accept "sysctl".
+            for attach_type in (prog["attach_type"], prog["attach_type"].removeprefix("cgroup_")):
+                done = subprocess.run(["bpftool", "cgroup", "detach", self.path, attach_type,
+                                       "id", str(prog["id"])], capture_output=True, check=False)
+                if done.returncode == 0:
+                    break
 
     def attach(self, bpf, fn_name: str, prog_type: int, attach_type: int) -> None:
         fn = bpf.load_func(fn_name.encode(), prog_type)

@@ -8,6 +8,7 @@ write so that a crash or ``kill -9`` cannot lose it. Summary and rollback work f
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -35,12 +36,13 @@ def limit_growth(old: tuple[int, ...], new: tuple[int, ...],
                  ceiling: tuple[int, ...]) -> tuple[int, ...]:
     """Cap every increase at its ceiling; never raise a value already above it, never block
     a decrease."""
-    return tuple(min(n, max(c, o)) if n > o else n for o, n, c in zip(old, new, ceiling))
+    return tuple(min(n, max(c, o)) if n > o else n
+                 for o, n, c in zip(old, new, ceiling, strict=True))
 
 
 def ordered(values: tuple[int, ...]) -> bool:
     """Three-value tunables (min default max, min pressure max) must stay non-decreasing."""
-    return all(a <= b for a, b in zip(values, values[1:]))
+    return all(a <= b for a, b in itertools.pairwise(values))
 
 
 @dataclass

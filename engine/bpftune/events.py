@@ -18,6 +18,7 @@ class Event(ct.Structure):
         ("old", ct.c_int64 * MAX_VALUES),
         ("new", ct.c_int64 * MAX_VALUES),
         ("metric", ct.c_int64 * 2),
+        ("comm", ct.c_char * 16),
         ("str", ct.c_char * STR_LEN),
     ]
 
@@ -36,3 +37,7 @@ class Event(ct.Structure):
     @property
     def text(self) -> str:
         return self.str.decode(errors="replace")
+
+    @property
+    def command(self) -> str:
+        return self.comm.decode(errors="replace")

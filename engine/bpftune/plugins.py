@@ -61,7 +61,10 @@ def builtin_tuners() -> list[type[Tuner]]:
 def _check_acl(path: str | int, what: str, label: str) -> None:
     for attr, acl in _ACL_XATTRS if what == "directory" else _ACL_XATTRS[:1]:
         try:
-            os.getxattr(path, attr, follow_symlinks=False)
+            if isinstance(path, int):
+                os.getxattr(path, attr)
+            else:
+                os.getxattr(path, attr, follow_symlinks=False)
         except OSError as e:
             if e.errno in _NO_ACL:
                 continue
@@ -116,7 +119,7 @@ def load_plugin(path: str) -> list[type[Tuner]]:
     """Tuner classes defined in a trusted plugin file ([] and an error line otherwise)."""
     try:
         source = read_trusted(path)
-    except UntrustedPlugin as e:
+    except (UntrustedPlugin, OSError) as e:
         log.err(str(e))
         log.err(f"refusing untrusted plugin '{path}'")
         return []

@@ -8,9 +8,9 @@ def _pairs(path: str) -> dict[str, int]:
     counters: dict[str, int] = {}
     with open(path) as f:
         lines = f.read().splitlines()
-    for header, values in zip(lines[::2], lines[1::2]):
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
         prefix, *names = header.split()
-        for name, value in zip(names, values.split()[1:]):
+        for name, value in zip(names, values.split()[1:], strict=True):
             counters[f"{prefix}{name}"] = int(value)
     return counters
 

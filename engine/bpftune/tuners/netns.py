@@ -3,6 +3,8 @@ them (bpf/netns.bpf.c reports unshare() and clone() with CLONE_NEWNET)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from bpftune.btf import Field
 from bpftune.events import Event
 from bpftune.log import log
@@ -14,7 +16,7 @@ class NetnsTuner(Tuner):
     bpf_source = "netns.bpf.c"
     tracepoints = ("syscalls/sys_enter_unshare", "syscalls/sys_exit_unshare")
     features = frozenset({"btf", "ringbuf", "tracepoints", "raw_tracepoints", "netns_cookie"})
-    fields = {
+    fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
         "OFF_TASK_TGID": Field("task_struct.tgid", 4),
         "OFF_NSPROXY_NET_NS": Field("nsproxy.net_ns", 8),

@@ -8,6 +8,7 @@ everywhere when the write was in the global netns.
 from __future__ import annotations
 
 import contextlib
+from typing import ClassVar
 
 from bpftune import sysctl
 from bpftune.bpf import BPF_CGROUP_SYSCTL, BPF_PROG_TYPE_CGROUP_SYSCTL
@@ -19,17 +20,20 @@ from bpftune.tuner import Tuner
 PROGRAM = "bpftune_sysctl_write"
 
 
-def command_of(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().split(b"\0")[0].decode(errors="replace") or "?"
-    return "?"
+def command_of(event: Event) -> str:
+    """The writer's command line's first word, as upstream logs it; the writer may be gone
+    already (``sysctl -w`` exits at once), so fall back to the comm BPF recorded."""
+    with contextlib.suppress(OSError), open(f"/proc/{event.pid}/cmdline", "rb") as f:
+        if cmd := f.read().split(b"\0")[0].decode(errors="replace"):
+            return cmd
+    return event.command or "?"
 
 
 class SysctlTuner(Tuner):
     name = "sysctl"
     bpf_source = "sysctl.bpf.c"
     features = frozenset({"btf", "ringbuf", "cgroup_sysctl"})
-    fields = {
+    fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
         "OFF_NSPROXY_NET_NS": Field("nsproxy.net_ns", 8),
     }
@@ -50,7 +54,7 @@ class SysctlTuner(Tuner):
                 continue
             if self.engine.changes.is_manual(tuner, cookie):
                 continue
-            log.notice(f"pid {event.pid}, cmd '{command_of(event.pid)}' modified sysctl "
+            log.notice(f"pid {event.pid}, cmd '{command_of(event)}' modified sysctl "
                        f"'{name}' that tuner '{tuner.name}' uses; disabling '{tuner.name}' "
                        f"for namespace cookie {cookie}")
             self.engine.disable(tuner, cookie)

@@ -11,12 +11,13 @@ marked "Upstream".
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 from bpftune import procnet
 from bpftune.btf import Field
 from bpftune.changes import due_to
 from bpftune.events import Event
-from bpftune.memory import page_size, total_ram_bytes, total_ram_pages
+from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
 
@@ -51,7 +52,7 @@ class TcpBufferTuner(Tuner):
     tracepoints = ("tcp/tcp_rcv_space_adjust", "sock/sock_send_length",
                    "sock/sock_exceed_buf_limit", "tcp/tcp_retransmit_synack")
     features = frozenset({"btf", "ringbuf", "tracepoints"})
-    fields = {
+    fields: ClassVar[dict[str, Field]] = {
         "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),

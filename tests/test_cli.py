@@ -1,0 +1,107 @@
+"""The bpftune command line: upstream-compatible options, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from helpers import BPFTUNE, daemon
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def bpftune(*args: str, env: dict | None = None, prefix: list[str] | None = None):
+    return subprocess.run([*(prefix or []), BPFTUNE, *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, **(env or {})))
+
+
+def assert_one_line_error(r, text: str) -> None:
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("bpftune: ") and text in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_support_reports_full_support_and_netns_cookies():
+    r = bpftune("-S")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "bpftune: bpftune works fully",
+        "bpftune: bpftune supports per-netns policy (via netns cookie)",
+    ]
+
+
+def test_support_without_btf_names_the_feature_and_the_tuners_it_disables():
+    r = bpftune("-S", env={"BPFTUNE_VMLINUX_BTF": "/nonexistent/vmlinux"})
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0] == "bpftune: bpftune is not supported"
+    assert ("bpftune: missing BPF Type Format (BTF) information for kernel struct offsets "
+            "(cannot read kernel BTF from /nonexistent/vmlinux): disables netns, sysctl, "
+            "tcp_buffer") in lines
+
+
+def test_start_without_btf_is_one_clear_line(tmp_path):
+    r = bpftune("-s", env={"BPFTUNE_VMLINUX_BTF": "/nonexistent/vmlinux",
+                           "BPFTUNE_STATE_DIR": str(tmp_path)})
+    assert_one_line_error(r, "cannot read kernel BTF from /nonexistent/vmlinux")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--frobnicate"], "unrecognized option '--frobnicate'"),
+    (["-x"], "unrecognized option '-x'"),
+    (["-r", "9"], "values 0-4 are supported for the learning rate"),
+    (["-r", "fast"], "values 0-4 are supported for the learning rate"),
+    (["-r"], "argument -r/--learning_rate: expected one argument"),
+])
+def test_bad_options_are_one_line_and_exit_1(args, message):
+    assert_one_line_error(bpftune(*args), message)
+
+
+def test_not_root_is_one_line_and_exit_1():
+    assert_one_line_error(bpftune("-s", prefix=NOBODY), "must be run as root")
+    assert_one_line_error(bpftune("-S", prefix=NOBODY), "must be run as root")
+
+
+def test_query_without_daemon_is_one_line_and_exit_1():
+    assert_one_line_error(bpftune("-q", "status"), "could not connect to bpftune")
+
+
+def test_help_version_and_libdir():
+    r = bpftune("-h")
+    assert r.returncode == 0 and r.stderr.startswith("Usage: bpftune [OPTIONS]")
+    for option in ("--allow", "--cgroup", "--learning_rate", "--query", "--rollback",
+                   "--support", "--stderr", "--port", "--libdir"):
+        assert option in r.stderr
+    r = bpftune("-V")
+    assert r.returncode == 0 and r.stdout.startswith("bpftune v")
+    r = bpftune("--print-libdir")
+    assert r.returncode == 0 and os.path.isfile(os.path.join(r.stdout.strip(),
+                                                             "tcp_buffer.py"))
+
+
+def test_daemon_process_is_named_bpftune_and_allow_list_takes_upstream_names(tmp_path):
+    with daemon(tmp_path, "-a", "tcp_buffer_tuner.so", "-a", "sysctl") as d:
+        with open(f"/proc/{d.proc.pid}/comm") as f:
+            assert f.read().strip() == "bpftune"
+        d.wait_for("active tuners: sysctl, tcp_buffer$|active tuners: sysctl, tcp_buffer\n")
+
+
+def test_second_daemon_refuses_to_start(tmp_path):
+    with daemon(tmp_path):
+        r = bpftune("-s", env={"BPFTUNE_STATE_DIR": str(tmp_path / "other")})
+        assert_one_line_error(r, "bpftune is already running (pid ")
+
+
+def test_without_syslog_socket_says_so_once_and_logs_to_stderr(tmp_path):
+    # Hide a syslog socket, if this machine has one, in a private mount namespace.
+    prefix = (["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind /dev/null /dev/log && exec "$0" "$@"']
+              if os.path.exists("/dev/log") else None)
+    with daemon(tmp_path, stderr=False, prefix=prefix) as d:
+        pass
+    lines = d.log.splitlines()
+    assert lines[0] == "bpftune: no syslog socket at /dev/log; logging to stderr"
+    assert sum("no syslog socket" in line for line in lines) == 1

@@ -1,0 +1,164 @@
+"""Pure logic: learning-rate steps, correlation, ceilings, BTF resolution, parsing."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+import pytest
+
+from bpftune.btf import Btf, BtfError, Field
+from bpftune.changes import limit_growth, ordered
+from bpftune.correlation import MIN_SAMPLES, Correlation
+from bpftune.events import Event
+from bpftune.learning import LearningRate, LearningRateError
+from bpftune.memory import total_ram_bytes, total_ram_pages
+from bpftune.plugins import normalize_name
+from bpftune.procnet import _pairs
+from bpftune.sysctl import INT_MAX, name_of
+from bpftune.tuners.tcp_buffer import _socket_buffer_ceiling, _tcp_mem_ceiling
+
+
+@pytest.mark.parametrize(("rate", "shift", "grown"), [
+    (4, 2, 125), (3, 3, 112), (2, 4, 106), (1, 5, 103), (0, 6, 101)])
+def test_learning_rate_steps(rate, shift, grown):
+    lr = LearningRate(rate)
+    assert lr.shift == shift
+    assert lr.grow(100) == grown
+    assert lr.shrink(100) == 100 - (grown - 100)
+
+
+def test_learning_rate_nearly_full_and_empty():
+    lr = LearningRate(4)  # within 25 %
+    assert lr.nearly_full(75, 100) and lr.nearly_full(100, 100) and lr.nearly_full(120, 100)
+    assert not lr.nearly_full(74, 100)
+    assert lr.nearly_empty(25, 100) and not lr.nearly_empty(26, 100)
+    lr0 = LearningRate(0)  # within 1.5625 %
+    assert lr0.nearly_full(6300, 6400) and not lr0.nearly_full(6299, 6400)
+
+
+def test_learning_rate_always_moves_small_values():
+    # Upstream's GROW(3) is 3: a tiny limit could never grow.
+    assert LearningRate(4).grow(3) == 4
+    assert LearningRate(0).grow(1) == 2
+    assert LearningRate(4).shrink(1) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 9])
+def test_learning_rate_out_of_range(bad):
+    with pytest.raises(LearningRateError, match="values 0-4 are supported"):
+        LearningRate(bad)
+
+
+def test_correlation_needs_enough_samples_and_variance():
+    c = Correlation()
+    for i in range(MIN_SAMPLES - 1):
+        c.add(i, 2 * i)
+    assert c.value() == 0.0 and not c.correlated()
+    c.add(MIN_SAMPLES, 2 * MIN_SAMPLES)
+    assert c.value() == pytest.approx(1.0) and c.correlated()
+    flat = Correlation()
+    for i in range(20):
+        flat.add(i, 7)
+    assert flat.value() == 0.0
+
+
+def test_correlation_negative_and_window_forgets_old_samples():
+    c = Correlation(window=12)
+    for i in range(12):
+        c.add(i, -i)
+    assert c.value() == pytest.approx(-1.0)
+    for i in range(12):  # the window now holds only rising samples
+        c.add(100 + i, 5 * i)
+    assert c.value() == pytest.approx(1.0)
+    c.reset()
+    assert len(c) == 0
+
+
+def test_growth_is_capped_at_ceiling_but_never_forced_down():
+    assert limit_growth((10, 20, 30), (10, 20, 50), (100, 100, 40)) == (10, 20, 40)
+    # already above the ceiling (an administrator's choice): no growth, no cut
+    assert limit_growth((10, 20, 60), (10, 20, 75), (100, 100, 40)) == (10, 20, 60)
+    # decreases pass untouched
+    assert limit_growth((10, 20, 60), (10, 20, 45), (100, 100, 40)) == (10, 20, 45)
+
+
+def test_three_value_tunables_stay_ordered():
+    assert ordered((4096, 131072, 6291456))
+    assert not ordered((4096, 131072, 65536))
+
+
+def test_ceilings_respect_int_max_and_ram():
+    assert _socket_buffer_ceiling()[2] == min(INT_MAX, total_ram_bytes() // 32)
+    assert all(v <= INT_MAX for v in _socket_buffer_ceiling())
+    ram = total_ram_pages()
+    assert _tcp_mem_ceiling() == (ram // 16, ram // 8, ram // 4)
+
+
+def test_plugin_names_accept_upstream_file_names():
+    assert normalize_name("tcp_buffer_tuner.so") == "tcp_buffer"
+    assert normalize_name("tcp_buffer") == "tcp_buffer"
+    assert normalize_name("demo_tuner.py") == "demo"
+
+
+def test_sysctl_names_from_cgroup_sysctl_paths():
+    assert name_of("net/ipv4/tcp_rmem") == "net.ipv4.tcp_rmem"
+
+
+def test_proc_net_counter_pairs(tmp_path):
+    f = tmp_path / "netstat"
+    f.write_text("TcpExt: SyncookiesSent SyncookiesRecv\nTcpExt: 3 4\n"
+                 "IpExt: InNoRoutes\nIpExt: 9\n")
+    assert _pairs(str(f)) == {"TcpExt:SyncookiesSent": 3, "TcpExt:SyncookiesRecv": 4,
+                              "IpExt:InNoRoutes": 9}
+
+
+SYNTHETIC_BTF = [
+    {"id": 1, "kind": "INT", "name": "int", "size": 4},
+    {"id": 2, "kind": "TYPEDEF", "name": "s32", "type_id": 1},
+    {"id": 3, "kind": "STRUCT", "name": "inner", "size": 8, "members": [
+        {"name": "a", "type_id": 1, "bits_offset": 0},
+        {"name": "b", "type_id": 2, "bits_offset": 32}]},
+    {"id": 4, "kind": "UNION", "name": "(anon)", "size": 8, "members": [
+        {"name": "hidden", "type_id": 1, "bits_offset": 0}]},
+    {"id": 5, "kind": "STRUCT", "name": "outer", "size": 32, "members": [
+        {"name": "x", "type_id": 1, "bits_offset": 0},
+        {"name": "(anon)", "type_id": 4, "bits_offset": 64},
+        {"name": "in", "type_id": 3, "bits_offset": 128},
+        {"name": "flags", "type_id": 1, "bits_offset": 192, "bitfield_size": 3}]},
+    {"id": 6, "kind": "STRUCT", "name": "outer", "size": 0, "members": []},  # forward decl
+]
+
+
+def test_btf_offsets_through_nesting_anonymous_members_and_typedefs():
+    btf = Btf(SYNTHETIC_BTF)
+    assert btf.locate("outer.in.b") == (20, 4)
+    assert btf.locate("outer.hidden") == (8, 4)
+    assert btf.offset(Field("outer.in.a", 4)) == 16
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    (Field("outer.nothere", 4), "kernel has no field outer.nothere"),
+    (Field("missing.x", 4), "no struct missing"),
+    (Field("outer.flags", 4), "is a bitfield"),
+    (Field("outer.x", 8), "is 4 bytes in this kernel, expected 8"),
+])
+def test_btf_mismatches_are_errors_not_wrong_offsets(field, message):
+    with pytest.raises(BtfError, match=message):
+        Btf(SYNTHETIC_BTF).offset(field)
+
+
+def test_event_layout_matches_the_bpf_header():
+    """BCC describes the C struct as clang laid it out; ctypes must agree field by field."""
+    from bcc import BPF
+
+    from bpftune.bpf import bpf_dir
+
+    b = BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n'
+                 b"BPF_ARRAY(events, struct bpftune_event, 1);\n", cflags=[f"-I{bpf_dir()}"])
+    try:
+        compiled = b["events"].Leaf
+        assert ct.sizeof(compiled) == ct.sizeof(Event)
+        for name, _ in Event._fields_:
+            assert getattr(compiled, name).offset == getattr(Event, name).offset, name
+    finally:
+        b.cleanup()
