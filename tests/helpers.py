@@ -182,11 +182,12 @@ def managed_sysctls() -> list[str]:
 
 @contextlib.contextmanager
 def daemon(tmp_path: Path, *args: str, stderr: bool = True,
-           prefix: list[str] | None = None) -> Iterator[Daemon]:
+           prefix: list[str] | None = None, restore: bool = True) -> Iterator[Daemon]:
     """bpftune in the foreground, logging to stderr (-s) unless ``stderr`` is False.
 
     Whatever the daemon changes in the global netns is put back afterwards, so that a test
-    that runs it without -R (or kills it) leaves the machine as it found it."""
+    that runs it without -R (or kills it) leaves the machine as it found it; ``restore=False``
+    for a test that checks what is left behind (and puts it back itself)."""
     saved = Sysctls()
     for name in managed_sysctls():
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
@@ -198,4 +199,5 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True,
     finally:
         if d.proc.poll() is None:
             d.stop()
-        saved.restore()
+        if restore:
+            saved.restore()

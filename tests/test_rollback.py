@@ -28,7 +28,7 @@ def test_rollback_on_sigterm_restores_global_and_netns_values(tmp_path, sysctls,
     squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
     iperf = Iperf(hosts.ns, hosts.ns_addr)
     try:
-        with daemon(tmp_path, "-R") as d:
+        with daemon(tmp_path, "-R", restore=False) as d:
             grow_buffers(hosts, iperf, squeezed)
             assert d.stop(signal.SIGTERM) == 0
     finally:
@@ -44,7 +44,7 @@ def test_changes_left_by_kill_9_are_reported_and_rolled_back_next_run(tmp_path, 
     squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
     iperf = Iperf(hosts.ns, hosts.ns_addr)
     try:
-        with daemon(tmp_path, "-R") as first:
+        with daemon(tmp_path, "-R", restore=False) as first:
             grow_buffers(hosts, iperf, squeezed)
             first.stop(signal.SIGKILL)
     finally:
@@ -55,7 +55,7 @@ def test_changes_left_by_kill_9_are_reported_and_rolled_back_next_run(tmp_path, 
     assert {(r["tunable"], r["cookie"] != 0) for r in recorded} >= {(RMEM, False), (RMEM, True)}
 
     (tmp_path / "bpftune.log").write_text("")
-    with daemon(tmp_path, "-R") as second:
+    with daemon(tmp_path, "-R", restore=False) as second:
         second.wait_for(rf"bpftune \(pid {first.proc.pid}\) left sysctl 'net.ipv4.tcp_rmem' "
                         rf"changed in global ns from \({' '.join(map(str, squeezed[None][RMEM]))}"
                         rf"\) -> \({' '.join(map(str, grown))}\)")
