@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 
 import pytest
 
-from helpers import BPFTUNE, daemon
+from helpers import BPFTUNE, REPO, daemon, wait_until
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -105,3 +107,39 @@ def test_without_syslog_socket_says_so_once_and_logs_to_stderr(tmp_path):
     lines = d.log.splitlines()
     assert lines[0] == "bpftune: no syslog socket at /dev/log; logging to stderr"
     assert sum("no syslog socket" in line for line in lines) == 1
+
+
+def test_daemon_option_detaches_and_keeps_running(tmp_path):
+    log = tmp_path / "bpftune.log"
+    with open(log, "w") as out:
+        r = subprocess.run([BPFTUNE, "-D", "-s"], stdout=out, stderr=out, timeout=30,
+                           env=dict(os.environ, BPFTUNE_STATE_DIR=str(tmp_path)))
+    assert r.returncode == 0
+    assert wait_until(lambda: "started; active tuners" in log.read_text(), timeout=60)
+    with open("/run/bpftune/bpftune.pid") as f:
+        pid = int(f.read())
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "bpftune"
+        assert os.getsid(pid) == pid  # its own session, detached from ours
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=60)
+
+
+def test_installed_wheel_finds_its_bpf_programs(tmp_path):
+    """From a wheel install (as from an RPM), away from the checkout, -S still loads them."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    (wheel,) = (tmp_path / "dist").glob("bpftune-*.whl")
+    subprocess.run([venv / "bin/pip", "install", "-q", "--no-deps", wheel], check=True,
+                   capture_output=True)
+    r = subprocess.run([venv / "bin/bpftune", "-S"], cwd="/", capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "BPFTUNE_BPF_DIR"})
+    assert r.returncode == 0, r.stderr
+    assert "bpftune: bpftune works fully" in r.stderr
+    assert (venv / "share/bpftune/bpf/tcp_buffer.bpf.c").is_file()

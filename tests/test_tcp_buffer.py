@@ -104,3 +104,22 @@ def test_admin_change_in_netns_disables_tuner_there_only(tmp_path, sysctls, host
             assert read_sysctl(MODERATE, hosts.ns) == "0"
     finally:
         iperf.stop()
+
+
+def test_admin_change_in_global_ns_disables_tuner_everywhere(tmp_path, sysctls, hosts):
+    squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
+    iperf = Iperf(hosts.ns, hosts.ns_addr)
+    try:
+        with daemon(tmp_path) as d:
+            subprocess.run(["sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16385"], check=True)
+            d.wait_for(rf"modified sysctl 'net.ipv4.tcp_wmem' that tuner 'tcp_buffer' uses; "
+                       rf"disabling 'tcp_buffer' for namespace cookie {netns_cookie(None)}")
+            iperf.run(None, seconds=2)
+            iperf.run(None, seconds=2, reverse=True)
+            for ns in (None, hosts.ns):
+                assert values(read_sysctl(RMEM, ns)) == squeezed[ns][RMEM]
+            assert values(read_sysctl(WMEM, hosts.ns)) == squeezed[hosts.ns][WMEM]
+            assert read_sysctl(WMEM) == "4096 16384 16385"
+    finally:
+        iperf.stop()
+    assert "Scenario 'need to increase" not in d.log

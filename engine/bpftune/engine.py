@@ -19,7 +19,7 @@ from bpftune.correlation import Correlations
 from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
-from bpftune.netns import Namespaces
+from bpftune.netns import Namespaces, NetnsError
 from bpftune.sysctl import SysctlError
 from bpftune.tuner import Tuner, TunerState
 
@@ -149,6 +149,8 @@ class Engine:
             return
         try:
             tuner.handle(event)
+        except NetnsError as e:  # the namespace went away while we acted on it
+            log.debug(f"{tuner.name}: {e}")
         except Exception as e:  # one tuner's bug must not stop the daemon
             log.err(f"{tuner.name}: error handling event: {e!r}")
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from pyroute2 import netns as pyroute2_netns
 
 SO_NETNS_COOKIE = 71
 NETNS_RUN_DIR = "/run/netns"
+RESCAN_SECONDS = 5  # how often to look again for a namespace that could not be found
 
 
 class NetnsError(OSError):
@@ -70,6 +72,7 @@ class Namespaces:
         self.global_cookie = current_cookie()
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[tuple[int, int], int] = {}
+        self._missing_since: dict[int, float] = {}  # cookie -> when a scan last missed it
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -134,12 +137,18 @@ class Namespaces:
 
     def _valid_ref(self, cookie: int) -> NetnsRef:
         ref = self._by_cookie.get(cookie)
-        if ref is None or self._probe(ref.path) != ref:
-            self._by_cookie.pop(cookie, None)
+        if ref is not None and self._probe(ref.path) == ref:
+            return ref
+        self._by_cookie.pop(cookie, None)
+        # A namespace kept alive only by sockets has no path: do not walk /proc for it on
+        # every event.
+        if time.monotonic() - self._missing_since.get(cookie, -RESCAN_SECONDS) >= RESCAN_SECONDS:
             self.scan()
-            ref = self._by_cookie.get(cookie)
+        ref = self._by_cookie.get(cookie)
         if ref is None:
+            self._missing_since[cookie] = time.monotonic()
             raise NetnsError(f"network namespace with cookie {cookie} not found")
+        self._missing_since.pop(cookie, None)
         return ref
 
     @contextlib.contextmanager
