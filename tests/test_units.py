@@ -156,7 +156,7 @@ def test_event_layout_matches_the_bpf_header():
     b = BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n'
                  b"BPF_ARRAY(events, struct bpftune_event, 1);\n", cflags=[f"-I{bpf_dir()}"])
     try:
-        compiled = b["events"].Leaf
+        compiled = b[b"events"].Leaf
         assert ct.sizeof(compiled) == ct.sizeof(Event)
         for name, _ in Event._fields_:
             assert getattr(compiled, name).offset == getattr(Event, name).offset, name
