@@ -49,10 +49,12 @@ struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE }
 __attribute__((section("maps/export")))
 struct bpftune_events_table_t __bpftune_events;
 BPF_TABLE_PUBLIC("lru_hash", struct rate_key, u64, bpftune_last_event, 16384);
+BPF_TABLE_PUBLIC("percpu_array", int, u64, bpftune_dropped, 1);	/* ring buffer full */
 #else
 __attribute__((section("maps/extern")))
 struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
 BPF_TABLE("extern", struct rate_key, u64, bpftune_last_event, 16384);
+BPF_TABLE("extern", int, u64, bpftune_dropped, 1);
 
 #define GROW(v)	((v) + max_t(s64, (v) >> LEARNING_SHIFT, 1))
 #define SHRINK(v) ((v) - max_t(s64, (v) >> LEARNING_SHIFT, 1))
@@ -96,6 +98,19 @@ static __always_inline bool rate_limited(u64 cookie, u32 tunable_id)
 	return false;
 }
 
+/* Send an event to userspace, counting it as dropped if the ring buffer is full. */
+static __always_inline void submit_event(struct bpftune_event *ev)
+{
+	int zero = 0;
+	u64 *dropped;
+
+	if (bpftune_events.ringbuf_output(ev, sizeof(*ev), 0) == 0)
+		return;
+	dropped = bpftune_dropped.lookup(&zero);
+	if (dropped)
+		(*dropped)++;
+}
+
 /* Propose changing a tunable from old to new values in a netns; rate limited. */
 static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunable_id,
 					     s64 *old, s64 *new, int nvalues, s64 metric)
@@ -117,7 +132,7 @@ static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunab
 		}
 	}
 	ev.metric[0] = metric;
-	bpftune_events.ringbuf_output(&ev, sizeof(ev), 0);
+	submit_event(&ev);
 	return 1;
 }
 #endif /* BPFTUNE_CORE */

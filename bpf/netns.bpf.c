@@ -31,7 +31,7 @@ static __always_inline void report_netns(void *net, u32 pid)
 	ev.tuner_id = TUNER_ID;
 	ev.netns_cookie = cookie;
 	ev.pid = pid;
-	bpftune_events.ringbuf_output(&ev, sizeof(ev), 0);
+	submit_event(&ev);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unshare)

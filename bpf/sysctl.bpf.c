@@ -28,6 +28,6 @@ int bpftune_sysctl_write(struct bpf_sysctl *ctx)
 	ev.netns_cookie = current_netns_cookie();
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	bpf_sysctl_get_name(ctx, ev.str, sizeof(ev.str), 0);	/* e.g. "net/ipv4/tcp_rmem" */
-	bpftune_events.ringbuf_output(&ev, sizeof(ev), 0);
+	submit_event(&ev);
 	return 1;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import gc
 import json
 import os
 import subprocess
@@ -20,8 +21,8 @@ from bpftune.btf import Btf, Field, offset_defines
 from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
+from bpftune.paths import RUN_DIR
 
-RUN_DIR = "/run/bpftune"
 COMMON_FIELDS = {
     "OFF_SK_NET": Field("sock.__sk_common.skc_net", 8),
     "OFF_NET_COOKIE": Field("net.net_cookie", 8),
@@ -82,7 +83,7 @@ class Programs:
 
     def __init__(self, btf: Btf, learning_rate: LearningRate,
                  on_event: Callable[[Event], None]) -> None:
-        self.btf = btf
+        self.btf: Btf | None = btf
         self.dir = bpf_dir()
         self.learning_rate = learning_rate
         self.on_event = on_event
@@ -115,6 +116,8 @@ class Programs:
 
     def compile(self, source: Path, tuner_id: int, fields: dict[str, Field]):
         """Compile a tuner's BPF source; tracepoints attach automatically."""
+        if self.btf is None:
+            raise BpfError("BPF programs can only be loaded at start-up")
         cflags = [
             f"-I{self.dir}",
             f"-DTUNER_ID={tuner_id}",
@@ -127,6 +130,18 @@ class Programs:
                 return _bcc().BPF(text=self._text(source), cflags=cflags)
             except Exception as e:
                 raise BpfError(f"cannot load BPF program {source.name}: {e}") from e
+
+    @property
+    def events_dropped(self) -> int:
+        return sum(self.core[b"bpftune_dropped"][0])
+
+    def loading_done(self) -> None:
+        """Once every program is compiled, give back what the parsed BTF (over 100 MB of
+        Python objects) and LLVM hold; later compiles are refused."""
+        self.btf = None
+        gc.collect()
+        self.core.free_bcc_memory()
+        ct.CDLL(None).malloc_trim(0)  # hand freed heap pages back to the kernel
 
     def poll(self, timeout_ms: int) -> None:
         self.core.ring_buffer_poll(timeout_ms)

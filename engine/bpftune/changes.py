@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 GLOBAL = 0  # cookie used for the global (initial) network namespace in the ledger
 
 
-def due_to(why: str, tunable: Tunable, labels: str = "") -> str:
-    """Upstream's reason line; ``{old}``/``{new}`` are filled in by ``Changes.apply``."""
+def due_to(why: str, tunable: Tunable) -> str:
+    """Upstream's reason line, e.g. ``Due to ... change net.ipv4.tcp_rmem(min default max)
+    from ({old}) -> ({new})``; the placeholders are filled in by ``Changes.apply``."""
+    labels = f"({' '.join(tunable.positions)})" if tunable.values > 1 else ""
     return f"Due to {why} change {tunable.name}{labels} from ({{old}}) -> ({{new}})"
 
 

@@ -7,9 +7,9 @@ import os
 import sys
 
 from bpftune import __version__, plugins
-from bpftune.engine import DEFAULT_CGROUP
 from bpftune.learning import MAX_RATE, MIN_RATE
 from bpftune.log import log
+from bpftune.paths import DEFAULT_CGROUP
 
 USAGE = """Usage: bpftune [OPTIONS]
 	OPTIONS:
@@ -103,7 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.daemon:
         _daemonize()
     engine = Engine(Options(learning_rate=args.learning_rate, rollback=args.rollback,
-                            cgroup=args.cgroup, allow=args.allow, plugin_dir=args.libdir))
+                            cgroup=args.cgroup, allow=args.allow, plugin_dir=args.libdir,
+                            port=args.port))
     try:
         engine.start()
         engine.run()

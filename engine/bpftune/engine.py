@@ -7,12 +7,13 @@ import contextlib
 import fcntl
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpftune import __version__, plugins
-from bpftune.bpf import RUN_DIR, Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
+from bpftune.bpf import Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
 from bpftune.correlation import Correlations
@@ -20,11 +21,11 @@ from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
+from bpftune.paths import DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
+from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError
 from bpftune.tuner import Tuner, TunerState
 
-DEFAULT_CGROUP = f"{RUN_DIR}/cgroupv2"
-DEFAULT_STATE_DIR = "/var/lib/bpftune"
 POLL_MS = 100
 TICK_SECONDS = 1.0
 
@@ -39,9 +40,9 @@ class Options:
     rollback: bool = False
     cgroup: str = DEFAULT_CGROUP
     allow: list[str] = field(default_factory=list)
+    port: int = 0
     plugin_dir: str = plugins.DEFAULT_PLUGIN_DIR
-    state_dir: str = field(default_factory=lambda: os.environ.get("BPFTUNE_STATE_DIR",
-                                                                  DEFAULT_STATE_DIR))
+    state_dir: str = STATE_DIR
 
 
 class Engine:
@@ -57,6 +58,9 @@ class Engine:
         self.programs: Programs | None = None
         self.cgroup: Cgroup | None = None
         self._lock_fd: int | None = None
+        self.query_server: QueryServer | None = None
+        # Held while events and ticks change state, and while a query reads it.
+        self.lock = threading.RLock()
 
     # Start-up.
     def start(self) -> None:
@@ -76,14 +80,18 @@ class Engine:
             self.load(cls)
         if not self.active_tuners():
             raise StartError("no tuners could be loaded")
+        self.programs.loading_done()
         for ref in self.namespaces.scan():
             log.debug(f"found netns {ref.path} (cookie {ref.cookie})")
+        try:
+            self.query_server = QueryServer(self, self.options.port)
+        except OSError as e:
+            raise StartError(f"cannot start the query server: {e}") from None
         names = ", ".join(t.name for t in self.active_tuners())
         log.notice(f"bpftune v{__version__} started; active tuners: {names}")
 
     def _lock_single_instance(self) -> None:
-        path = f"{RUN_DIR}/bpftune.pid"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(PID_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -136,6 +144,10 @@ class Engine:
 
     # Running.
     def dispatch(self, event: Event) -> None:
+        with self.lock:
+            self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
         if event.tuner_id >= len(self.tuners):
             log.err(f"no tuner for id {event.tuner_id}")
             return
@@ -163,11 +175,15 @@ class Engine:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
-                for tuner in self.active_tuners():
-                    try:
-                        tuner.tick(now)
-                    except Exception as e:
-                        log.err(f"{tuner.name}: error in periodic check: {e!r}")
+                with self.lock:
+                    self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        for tuner in self.active_tuners():
+            try:
+                tuner.tick(now)
+            except Exception as e:
+                log.err(f"{tuner.name}: error in periodic check: {e!r}")
 
     def _on_signal(self, _signum, _frame) -> None:
         self.stopping = True
@@ -202,6 +218,8 @@ class Engine:
             tuner.bpf = None
 
     def stop(self) -> None:
+        if self.query_server is not None:
+            self.query_server.close()
         for tuner in self.tuners:
             self.finish(tuner, TunerState.INACTIVE)
         if self.options.rollback and self.changes is not None:

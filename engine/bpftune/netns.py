@@ -81,6 +81,24 @@ class Namespaces:
     def is_global(self, cookie: int) -> bool:
         return cookie in (0, self.global_cookie)
 
+    def name(self, cookie: int) -> str:
+        """How people see a namespace: "global", its ``ip netns`` name, or its cookie."""
+        if self.is_global(cookie):
+            return "global"
+        ref = self._by_cookie.get(cookie)
+        if ref is not None and os.path.dirname(ref.path) == NETNS_RUN_DIR:
+            return os.path.basename(ref.path)
+        return f"cookie-{cookie}"
+
+    def command_prefix(self, cookie: int) -> str:
+        """A shell prefix that runs a command in the namespace ``cookie``."""
+        ref = self._by_cookie.get(cookie)
+        if ref is None:
+            return f"# network namespace (cookie {cookie}) is gone;"
+        if os.path.dirname(ref.path) == NETNS_RUN_DIR:
+            return f"ip netns exec {os.path.basename(ref.path)}"
+        return f"nsenter --net={ref.path}"
+
     def known(self) -> dict[int, NetnsRef]:
         with self._lock:
             return dict(self._by_cookie)

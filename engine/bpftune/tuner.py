@@ -9,6 +9,7 @@ back, logs, counts and records the change.
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -19,6 +20,9 @@ from bpftune.sysctl import LONG_MAX, Value
 if TYPE_CHECKING:
     from bpftune.engine import Engine
     from bpftune.events import Event
+
+
+PLUGIN_CLUSTERS, PLUGIN_CLUSTER_RANGE = 200, 1800
 
 
 class TunerState(enum.Enum):
@@ -42,6 +46,13 @@ class Tunable:
     string: bool = False
     sysctl: bool = True  # False for things not read through /proc/sys (per-socket settings)
     ceiling: Ceiling | None = None
+    #: What each value means, e.g. ("min", "default", "max"); used in logs and metric names.
+    positions: tuple[str, ...] = ()
+    #: Unit of the values for metrics: "bytes", "pages" or "" (a plain number).
+    unit: str = ""
+
+    def position_names(self) -> tuple[str, ...]:
+        return self.positions or tuple(str(i) for i in range(self.values))
 
     def limits(self) -> tuple[int, ...]:
         return self.ceiling() if self.ceiling else (LONG_MAX,) * self.values
@@ -74,6 +85,15 @@ class Tuner:
     strategies: ClassVar[tuple[Strategy, ...]] = ()
     #: Set for plugin tuners: their BPF source lives beside the plugin file.
     plugin_dir: ClassVar[str | None] = None
+    #: PCP cluster of this tuner's metrics: fixed, so PMIDs never change. Plugins may leave it
+    #: None for one derived from the name (site-local range).
+    pmda_cluster: ClassVar[int | None] = None
+
+    @classmethod
+    def cluster(cls) -> int:
+        if cls.pmda_cluster is not None:
+            return cls.pmda_cluster
+        return PLUGIN_CLUSTERS + zlib.crc32(cls.name.encode()) % PLUGIN_CLUSTER_RANGE
 
     def __init__(self, engine: Engine, tuner_id: int) -> None:
         self.engine = engine

@@ -13,6 +13,7 @@ from bpftune.tuner import Scenario, Tunable, Tuner
 
 class NetnsTuner(Tuner):
     name = "netns"
+    pmda_cluster = 14
     bpf_source = "netns.bpf.c"
     tracepoints = ("syscalls/sys_enter_unshare", "syscalls/sys_exit_unshare")
     features = frozenset({"btf", "ringbuf", "tracepoints", "raw_tracepoints", "netns_cookie"})

@@ -31,6 +31,7 @@ def command_of(event: Event) -> str:
 
 class SysctlTuner(Tuner):
     name = "sysctl"
+    pmda_cluster = 13
     bpf_source = "sysctl.bpf.c"
     features = frozenset({"btf", "ringbuf", "cgroup_sysctl"})
     fields: ClassVar[dict[str, Field]] = {

@@ -37,8 +37,7 @@ def _flag() -> tuple[int, ...]:
     return (1,)
 
 
-BUFFER_LABELS = "(min default max)"
-MEM_LABELS = "(min pressure max)"
+BUFFER = ("min", "default", "max")
 MIN_SYN_BACKLOG = 128
 MAX_SYN_BACKLOG = 1 << 18
 SYNCOOKIE_FAILURES = 1024
@@ -48,6 +47,7 @@ CALM_TICKS = 5  # seconds of normal TCP memory before low-memory settings are un
 
 class TcpBufferTuner(Tuner):
     name = "tcp_buffer"
+    pmda_cluster = 10
     bpf_source = "tcp_buffer.bpf.c"
     tracepoints = ("tcp/tcp_rcv_space_adjust", "sock/sock_send_length",
                    "sock/sock_exceed_buf_limit", "tcp/tcp_retransmit_synack")
@@ -67,9 +67,12 @@ class TcpBufferTuner(Tuner):
         "OFF_ICSK_ACCEPT_QUEUE_QLEN": Field("inet_connection_sock.icsk_accept_queue.qlen", 4),
     }
     tunables = (
-        Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling),
-        Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling),
-        Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling),
+        Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
+                positions=BUFFER, unit="bytes"),
+        Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
+                positions=BUFFER, unit="bytes"),
+        Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling,
+                positions=("min", "pressure", "max"), unit="pages"),
         Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag),
         Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag),
         Tunable("net.ipv4.tcp_no_ssthresh_metrics_save", namespaced=True, optional=True,
@@ -156,7 +159,7 @@ class TcpBufferTuner(Tuner):
             return
         why = "need to increase max buffer size to maximize throughput"
         changed = self.change(tunable, self.NEED_INCREASE, cookie, proposed,
-                              due_to(why, tunable, BUFFER_LABELS), expect=old)
+                              due_to(why, tunable), expect=old)
         if changed and event.tunable_id == self.RMEM:
             moderate = self.tunables[self.MODERATE_RCVBUF]
             self.change(moderate, self.MATCH_RCVBUF, cookie, (1,),
@@ -170,7 +173,7 @@ class TcpBufferTuner(Tuner):
             return
         why = "correlation between buffer size increase and latency"
         if self.change(tunable, self.LATENCY, cookie, (old[0], old[1], smaller),
-                       due_to(why, tunable, BUFFER_LABELS), expect=old):
+                       due_to(why, tunable), expect=old):
             # Upstream keeps growing and shrinking in turn; we stop growth for a while and
             # start the correlation afresh.
             self.engine.correlations[(self.name, tunable.name, cookie)].reset()
@@ -183,7 +186,7 @@ class TcpBufferTuner(Tuner):
         why = "near memory exhaustion" if exhaustion else "near memory pressure"
         tunable = self.tunables[self.MEM]
         self.change(tunable, event.scenario_id, 0, event.new_values(3),
-                    due_to(why, tunable, MEM_LABELS), expect=event.old_values(3))
+                    due_to(why, tunable), expect=event.old_values(3))
         self.calm_ticks = 0
         if exhaustion:
             self._enter_low_memory(event.netns_cookie)
