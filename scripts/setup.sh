@@ -77,6 +77,23 @@ link_kernel_headers() {
     say "linked $mod/build -> $build"
 }
 
+# pmcd starts the PMDAs with its own PATH: give it one where python3 is the system Python
+# (the one with the pcp module), not a pyenv or venv build.
+start_pmcd() {
+    pminfo -f pmcd.version >/dev/null 2>&1 && return 0
+    if [ -d /run/systemd/system ]; then
+        systemctl start pmcd
+    else
+        env PATH=/usr/sbin:/usr/bin:/sbin:/bin /etc/init.d/pmcd start >/dev/null
+    fi
+    for _ in $(seq 30); do
+        pminfo -f pmcd.version >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    echo "setup: pmcd did not start" >&2
+    exit 1
+}
+
 mount_tracefs() {
     mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
 }
@@ -96,5 +113,6 @@ make_venv() {
 install_packages
 link_kernel_headers
 mount_tracefs
+start_pmcd
 make_venv
 say "ready ($venv)"

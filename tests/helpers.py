@@ -188,6 +188,7 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True,
     Whatever the daemon changes in the global netns is put back afterwards, so that a test
     that runs it without -R (or kills it) leaves the machine as it found it; ``restore=False``
     for a test that checks what is left behind (and puts it back itself)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     saved = Sysctls()
     for name in managed_sysctls():
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
