@@ -15,9 +15,9 @@ fi
 
 apt_packages=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool
               linux-headers-amd64 iperf3 iproute2 nftables
-              python3-pyroute2 python3-jinja2 pcp python3-pcp)
+              python3-pyroute2 python3-jinja2 pcp python3-pcp redis-server)
 dnf_packages=(python3 python3-bcc bcc-tools bpftool kernel-devel iperf3
-              iproute nftables python3-pyroute2 python3-jinja2 pcp python3-pcp)
+              iproute nftables python3-pyroute2 python3-jinja2 pcp python3-pcp valkey)
 
 missing_apt() {
     local p
@@ -77,20 +77,21 @@ link_kernel_headers() {
     say "linked $mod/build -> $build"
 }
 
-# pmcd starts the PMDAs with its own PATH: give it one where python3 is the system Python
-# (the one with the pcp module), not a pyenv or venv build.
-start_pmcd() {
-    pminfo -f pmcd.version >/dev/null 2>&1 && return 0
+# Start a PCP service unless `check` already succeeds. pmcd starts the PMDAs with its own
+# PATH: give it one where python3 is the system Python (the one with the pcp module).
+start_service() {
+    local name=$1 check=$2
+    eval "$check" >/dev/null 2>&1 && return 0
     if [ -d /run/systemd/system ]; then
-        systemctl start pmcd
+        systemctl start "$name"
     else
-        env PATH=/usr/sbin:/usr/bin:/sbin:/bin /etc/init.d/pmcd start >/dev/null
+        env PATH=/usr/sbin:/usr/bin:/sbin:/bin "/etc/init.d/$name" start >/dev/null
     fi
     for _ in $(seq 30); do
-        pminfo -f pmcd.version >/dev/null 2>&1 && return 0
+        eval "$check" >/dev/null 2>&1 && return 0
         sleep 1
     done
-    echo "setup: pmcd did not start" >&2
+    echo "setup: $name did not start" >&2
     exit 1
 }
 
@@ -113,6 +114,8 @@ make_venv() {
 install_packages
 link_kernel_headers
 mount_tracefs
-start_pmcd
+start_service pmcd "pminfo -f pmcd.version"
+# pmproxy serves PCP's REST API (the one Grafana's PCP datasources use) on port 44322.
+start_service pmproxy "exec 3<>/dev/tcp/127.0.0.1/44322"
 make_venv
 say "ready ($venv)"

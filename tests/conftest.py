@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -39,3 +40,31 @@ def _machine_left_as_found():
     restore = Sysctls(saved={(n, None): v for n, (v, _) in leaked.items()})
     restore.restore()
     assert not leaked, f"tests left sysctls changed (now restored): {leaked}"
+
+
+@pytest.fixture(scope="session")
+def tuned_pmda(tmp_path_factory):
+    """The PMDA installed in pmcd and a daemon that tuned tcp_rmem/tcp_wmem in the global
+    namespace and in a test namespace. Yields (daemon, hosts)."""
+    from helpers import Iperf, daemon
+    from pcp_helpers import pmda_installed
+    from test_tcp_buffer import squeeze_buffers
+
+    tmp = tmp_path_factory.mktemp("tuned")
+    saved, hosts = Sysctls(), Hosts(ns=f"bpftune-pcp-{uuid.uuid4().hex[:6]}")
+    hosts.create()
+    try:
+        for ns in (None, hosts.ns):
+            squeeze_buffers(saved, ns)
+        with pmda_installed(), daemon(tmp) as d:
+            iperf = Iperf(hosts.ns, hosts.ns_addr, port=5297)
+            try:
+                iperf.run(None, seconds=2)
+                iperf.run(None, seconds=2, reverse=True)
+            finally:
+                iperf.stop()
+            time.sleep(2)  # the PMDA polls the daemon once a second
+            yield d, hosts
+    finally:
+        hosts.destroy()
+        saved.restore()

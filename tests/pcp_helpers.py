@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from bpftune.metrics import scenario_metric, tunable_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 PMDA = REPO / "pmda" / "pmdabpftune.python"
 PYTHON = "/usr/bin/python3"  # the interpreter with the pcp module
@@ -61,6 +63,7 @@ def tuner(name: str, cluster: int, tunables: list[dict], scenarios: list[dict],
 
 def tunable(name: str, netns: dict, positions=("min", "default", "max"), unit="bytes") -> dict:
     return {"name": name, "type": "integer", "values": len(positions),
+            "metrics": tunable_metrics("tcp_buffer", name),
             "positions": list(positions), "unit": unit, "namespaced": True, "sysctl": True,
             "netns": netns}
 
@@ -80,6 +83,8 @@ def canned_state() -> dict:
                   "counts": {"0": 2, "77": 1}},
                  {"id": 1, "name": "need to decrease TCP buffer size(s)",
                   "description": "Need to decrease buffer size(s)", "counts": {}}]
+    for s in scenarios:
+        s["metric"] = scenario_metric("tcp_buffer", s["name"])
     return {
         "version": 1,
         "daemon": {"pid": 4242, "version": "0.1.0", "started": 1795600000.0, "uptime": 61.7,

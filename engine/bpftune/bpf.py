@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from bpftune.btf import Btf, Field, offset_defines
 from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
-from bpftune.paths import RUN_DIR
+from bpftune.paths import RUN_DIR, data_dir
 
 COMMON_FIELDS = {
     "OFF_SK_NET": Field("sock.__sk_common.skc_net", 8),
@@ -40,17 +39,10 @@ class BpfError(Exception):
 
 def bpf_dir() -> Path:
     """Where the BPF sources are: a checkout, an installed wheel, or the RPM's location."""
-    candidates = [
-        os.environ.get("BPFTUNE_BPF_DIR"),
-        Path(__file__).resolve().parents[2] / "bpf",
-        Path(sys.prefix) / "share/bpftune/bpf",
-        "/usr/share/bpftune/bpf",
-        "/usr/local/share/bpftune/bpf",
-    ]
-    for c in candidates:
-        if c and (Path(c) / SHARED_HEADER).is_file():
-            return Path(c)
-    raise BpfError("cannot find the BPF sources (bpftune.bpf.h); set BPFTUNE_BPF_DIR")
+    try:
+        return data_dir("bpf", SHARED_HEADER)
+    except FileNotFoundError as e:
+        raise BpfError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from bpftune import __version__
 from bpftune.changes import GLOBAL
+from bpftune.metrics import scenario_metric, tunable_metrics
 from bpftune.query import Query
 from bpftune.sysctl import SysctlError, Value, format_value
 
@@ -133,6 +134,7 @@ def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable, cookies: list[int])
             "last_change": record.last_change if record else None,
         }
     return {"name": t.name, "type": "string" if t.string else "integer", "values": t.values,
+            "metrics": tunable_metrics(tuner.name, t.name),
             "positions": list(t.position_names()), "unit": t.unit, "namespaced": t.namespaced,
             "sysctl": t.sysctl, "netns": netns}
 
@@ -154,6 +156,7 @@ def _tuner_state(engine: Engine, tuner: Tuner, cookies: list[int]) -> dict:
                        for s in tuner.strategies],
         "tunables": [_tunable_state(engine, tuner, t, cookies) for t in tuner.tunables],
         "scenarios": [{"id": i, "name": s.name, "description": s.description,
+                       "metric": scenario_metric(tuner.name, s.name),
                        "counts": counts.get(i, {})} for i, s in enumerate(tuner.scenarios)],
     }
 
