@@ -42,7 +42,7 @@ def _machine_left_as_found():
     assert not leaked, f"tests left sysctls changed (now restored): {leaked}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tuned_pmda(tmp_path_factory):
     """The PMDA installed in pmcd and a daemon that tuned tcp_rmem/tcp_wmem in the global
     namespace and in a test namespace. Yields (daemon, hosts)."""
