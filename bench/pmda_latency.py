@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import Hosts, Iperf, Sysctls, daemon  # noqa: E402
-from pcp_helpers import PMDAS_DIR, pmda_installed  # noqa: E402
-from test_tcp_buffer import squeeze_buffers  # noqa: E402
+from helpers import Hosts, Iperf, Sysctls, daemon
+from pcp_helpers import PMDAS_DIR, pmda_installed
+from test_tcp_buffer import squeeze_buffers
 
 ROUNDS = 40
 PMINFO_ROUNDS = 10

@@ -15,9 +15,22 @@ enum { NEED_INCREASE = 0, MEM_PRESSURE = 3, MEM_EXHAUSTION = 4, SYN_BACKLOG_INCR
 enum { MEM_NORMAL, MEM_NEAR_PRESSURE, MEM_NEAR_EXHAUSTION };
 
 #define SOCK_SNDBUF_LOCK 1
+/* sendmsg and receive-space adjustments are hot paths: look at one call in SAMPLE_EVERY
+ * (per CPU). A connection that fills its buffer keeps doing so, so little is missed. */
+#define SAMPLE_EVERY 16
 #define SOCK_RCVBUF_LOCK 2
 #define TCP_INT_MAX 2147483647
 #define PROTO_TCP 6	/* IPPROTO_TCP; BCC tracepoint programs do not see the uapi enum */
+
+BPF_PERCPU_ARRAY(hot_path_calls, u64, 1);
+
+static __always_inline bool sampled(void)
+{
+	int zero = 0;
+	u64 *calls = hot_path_calls.lookup(&zero);
+
+	return calls && ((*calls)++ & (SAMPLE_EVERY - 1)) == 0;
+}
 
 /* Compare TCP memory in use with tcp_mem (global, so reported for the global netns);
  * propose growing it when nearly at a limit. Userspace applies the RAM-based ceilings. */
@@ -83,7 +96,7 @@ TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
 	u8 userlocks = 0;
 	int rcvbuf = 0;
 
-	if (check_socket_memory(sk) != MEM_NORMAL)
+	if (!sampled() || check_socket_memory(sk) != MEM_NORMAL)
 		return 0;
 	READ_AT(userlocks, sk, OFF_SK_USERLOCKS);
 	if (userlocks & SOCK_RCVBUF_LOCK)	/* application chose SO_RCVBUF itself */
@@ -100,7 +113,7 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 	u8 userlocks = 0;
 	int sndbuf = 0;
 
-	if (args->protocol != PROTO_TCP || args->ret <= 0)
+	if (args->protocol != PROTO_TCP || args->ret <= 0 || !sampled())
 		return 0;
 	if (check_socket_memory(sk) != MEM_NORMAL)
 		return 0;

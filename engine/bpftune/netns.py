@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pyroute2 import netns as pyroute2_netns
@@ -48,11 +48,15 @@ class NetnsRef:
     inode: tuple[int, int]
 
 
-def _candidate_paths() -> Iterator[str]:
-    """Bind-mounted namespaces first (they outlive processes), then every process's netns."""
+def _mounted_paths() -> Iterator[str]:
     with contextlib.suppress(OSError):
         for name in pyroute2_netns.listnetns(NETNS_RUN_DIR):
             yield os.path.join(NETNS_RUN_DIR, name)
+
+
+def _candidate_paths() -> Iterator[str]:
+    """Bind-mounted namespaces first (they outlive processes), then every process's netns."""
+    yield from _mounted_paths()
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
@@ -133,9 +137,16 @@ class Namespaces:
 
     def scan(self) -> list[NetnsRef]:
         """Find every namespace on the system; return the ones not seen before."""
+        return self._scan(_candidate_paths())
+
+    def scan_mounted(self) -> list[NetnsRef]:
+        """Cheap enough to run every second: only the names under /run/netns."""
+        return self._scan(_mounted_paths())
+
+    def _scan(self, paths: Iterable[str]) -> list[NetnsRef]:
         with self._lock:
             new = []
-            for path in _candidate_paths():
+            for path in paths:
                 ref = self._probe(path)
                 if ref is None or ref.cookie in self._by_cookie:
                     continue

@@ -1,5 +1,6 @@
 """netns: notice network namespaces created while bpftune runs, so every tuner can act in
-them (bpf/netns.bpf.c reports unshare() and clone() with CLONE_NEWNET)."""
+them: bpf/netns.bpf.c reports clone() with CLONE_NEWNET; namespaces bind-mounted under
+/run/netns (ip netns add, CNI plugins, podman) are looked for each second."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ class NetnsTuner(Tuner):
     name = "netns"
     pmda_cluster = 14
     bpf_source = "netns.bpf.c"
-    tracepoints = ("syscalls/sys_enter_unshare", "syscalls/sys_exit_unshare")
-    features = frozenset({"btf", "ringbuf", "tracepoints", "raw_tracepoints", "netns_cookie"})
+    features = frozenset({"btf", "ringbuf", "raw_tracepoints", "netns_cookie"})
     fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
         "OFF_TASK_TGID": Field("task_struct.tgid", 4),
@@ -31,6 +31,12 @@ class NetnsTuner(Tuner):
 
     def handle(self, event: Event) -> None:
         ref = self.engine.namespaces.add(event.netns_cookie, event.pid)
-        where = ref.path if ref else "path not found yet"
-        log.debug(f"netns created (cookie {event.netns_cookie}, {where})")
-        self.engine.changes.count(self, self.tunables[0], self.CREATED, event.netns_cookie)
+        self._created(event.netns_cookie, ref.path if ref else "path not found yet")
+
+    def tick(self, now: float) -> None:
+        for ref in self.engine.namespaces.scan_mounted():
+            self._created(ref.cookie, ref.path)
+
+    def _created(self, cookie: int, where: str) -> None:
+        log.debug(f"netns created (cookie {cookie}, {where})")
+        self.engine.changes.count(self, self.tunables[0], self.CREATED, cookie)
