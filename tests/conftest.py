@@ -46,7 +46,7 @@ def _machine_left_as_found():
 def tuned_pmda(tmp_path_factory):
     """The PMDA installed in pmcd and a daemon that tuned tcp_rmem/tcp_wmem in the global
     namespace and in a test namespace. Yields (daemon, hosts)."""
-    from helpers import Iperf, daemon
+    from helpers import daemon, transfer_both_ways
     from pcp_helpers import pmda_installed
     from test_tcp_buffer import squeeze_buffers
 
@@ -57,12 +57,7 @@ def tuned_pmda(tmp_path_factory):
         for ns in (None, hosts.ns):
             squeeze_buffers(saved, ns)
         with pmda_installed(), daemon(tmp) as d:
-            iperf = Iperf(hosts.ns, hosts.ns_addr, port=5297)
-            try:
-                iperf.run(None, seconds=2)
-                iperf.run(None, seconds=2, reverse=True)
-            finally:
-                iperf.stop()
+            transfer_both_ways(hosts, port=5297)
             time.sleep(2)  # the PMDA polls the daemon once a second
             yield d, hosts
     finally:

@@ -130,6 +130,16 @@ class Iperf:
         self.server.wait(timeout=10)
 
 
+def transfer_both_ways(hosts: Hosts, seconds: int = 2, port: int = 5299) -> None:
+    """One iperf3 transfer each way between the global netns and the test netns."""
+    iperf = Iperf(hosts.ns, hosts.ns_addr, port=port)
+    try:
+        iperf.run(None, seconds=seconds)
+        iperf.run(None, seconds=seconds, reverse=True)
+    finally:
+        iperf.stop()
+
+
 class Daemon:
     """bpftune started in the foreground (-s) with its log captured."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bpftune.render import render_grafana, render_pcp
-from helpers import Hosts, Iperf, Sysctls, daemon, read_sysctl, values
+from helpers import Hosts, Sysctls, daemon, read_sysctl, transfer_both_ways, values
 from pcp_helpers import pmda_installed
 from test_tcp_buffer import RMEM, WMEM, squeeze_buffers
 
@@ -49,12 +49,7 @@ def archive(rendered, tmp_path_factory):
             try:
                 time.sleep(3)  # samples with the daemon down
                 with daemon(tmp / "daemon") as d:
-                    iperf = Iperf(hosts.ns, hosts.ns_addr, port=5296)
-                    try:
-                        iperf.run(None, seconds=2)
-                        iperf.run(None, seconds=2, reverse=True)
-                    finally:
-                        iperf.stop()
+                    transfer_both_ways(hosts, port=5296)
                     time.sleep(3)
                     grown = values(read_sysctl(RMEM))[2]
                     subprocess.run(["ip", "netns", "exec", hosts.ns, "sysctl", "-qw",

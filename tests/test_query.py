@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import BPFTUNE, Iperf, daemon, read_sysctl
+from helpers import BPFTUNE, daemon, read_sysctl, transfer_both_ways
 from test_tcp_buffer import RMEM, squeeze_buffers
 
 SOCKET = "/run/bpftune/query.sock"
@@ -46,14 +46,9 @@ def tuned(tmp_path_factory):
     try:
         for ns in (None, hosts.ns):
             squeeze_buffers(sysctls, ns)
-        iperf = Iperf(hosts.ns, hosts.ns_addr)
-        try:
-            with daemon(tmp, "-p", "5301") as d:
-                iperf.run(None, seconds=2)
-                iperf.run(None, seconds=2, reverse=True)
-                yield d, hosts
-        finally:
-            iperf.stop()
+        with daemon(tmp, "-p", "5301") as d:
+            transfer_both_ways(hosts)
+            yield d, hosts
     finally:
         hosts.destroy()
         sysctls.restore()
