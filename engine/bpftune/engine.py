@@ -3,7 +3,6 @@ summarize (and with -R roll back) every change."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import signal
@@ -26,7 +25,7 @@ from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError
 from bpftune.tuner import Tuner, TunerState
 
-POLL_MS = 100
+POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
 TICK_SECONDS = 1.0
 
 
@@ -64,6 +63,10 @@ class Engine:
 
     # Start-up.
     def start(self) -> None:
+        # From here on SIGTERM/SIGINT only ask the loop to stop, so a signal that arrives
+        # while starting still ends with cleanup (unmount, detach, summary, rollback).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
         self._lock_single_instance()
         self.namespaces = Namespaces()
@@ -167,8 +170,6 @@ class Engine:
             log.err(f"{tuner.name}: error handling event: {e!r}")
 
     def run(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
         next_tick = time.monotonic() + TICK_SECONDS
         while not self.stopping:
             self.programs.poll(POLL_MS)
@@ -203,8 +204,10 @@ class Engine:
         """Summarize a tuner's work, roll it back with -R, unload it."""
         if tuner.state is not TunerState.ACTIVE:
             return
-        with contextlib.suppress(Exception):
+        try:
             tuner.fini()
+        except Exception as e:  # still summarize, roll back and unload
+            log.err(f"{tuner.name}: error finishing: {e!r}")
         for line in tuner.summarize() + self.changes.summary(tuner):
             log.notice(line)
         if self.options.rollback:

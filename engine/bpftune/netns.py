@@ -103,10 +103,6 @@ class Namespaces:
             return f"ip netns exec {os.path.basename(ref.path)}"
         return f"nsenter --net={ref.path}"
 
-    def known(self) -> dict[int, NetnsRef]:
-        with self._lock:
-            return dict(self._by_cookie)
-
     def _cookie_of(self, fd: int) -> int:
         pyroute2_netns.setns(fd, flags=0)
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import os
 import socket
 import socketserver
@@ -167,10 +166,6 @@ def request(query: str, port: int = 0, path: str = QUERY_SOCKET) -> str:
             if size > MAX_REPLY:
                 raise OSError("reply too large")
     return b"".join(chunks).rstrip(b"\0").decode(errors="replace")
-
-
-def state(path: str = QUERY_SOCKET) -> dict:
-    return json.loads(request("state", path=path))
 
 
 def client(query: str, port: int = 0) -> int:
