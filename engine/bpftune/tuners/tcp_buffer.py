@@ -51,12 +51,13 @@ class TcpBufferTuner(Tuner):
     bpf_source = "tcp_buffer.bpf.c"
     tracepoints = ("tcp/tcp_rcv_space_adjust", "sock/sock_send_length",
                    "sock/sock_exceed_buf_limit", "tcp/tcp_retransmit_synack")
-    features = frozenset({"btf", "ringbuf", "tracepoints"})
+    features = frozenset({"btf", "ringbuf", "tracepoints", "raw_tracepoints"})
     fields: ClassVar[dict[str, Field]] = {
         "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),
         "OFF_SK_USERLOCKS": Field("sock.sk_userlocks", 1),
+        "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
         "OFF_SK_MAX_ACK_BACKLOG": Field("sock.sk_max_ack_backlog", 4),
         "OFF_PROTO_MEMORY_ALLOCATED": Field("proto.memory_allocated", 8),
         "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
