@@ -8,11 +8,13 @@ write so that a crash or ``kill -9`` cannot lose it. Summary and rollback work f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -117,6 +119,16 @@ class Changes:
     def read(self, tunable: Tunable, cookie: int = GLOBAL) -> Value:
         with self.namespaces.entered(self.ledger_cookie(tunable, cookie)):
             return sysctl.read(tunable.name, string=tunable.string)
+
+    def read_many(self, tunables: Iterable[Tunable], cookie: int) -> dict[str, Value]:
+        """Values of several tunables in one namespace, switching into it once; unreadable
+        tunables (or a namespace that is gone) are left out."""
+        found: dict[str, Value] = {}
+        with contextlib.suppress(NetnsError), self.namespaces.entered(cookie):
+            for t in tunables:
+                with contextlib.suppress(SysctlError):
+                    found[t.name] = sysctl.read(t.name, string=t.string)
+        return found
 
     def is_manual(self, tuner: Tuner, cookie: int) -> bool:
         return (tuner.name, GLOBAL if self.namespaces.is_global(cookie) else cookie) in self.manual

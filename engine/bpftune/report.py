@@ -118,13 +118,14 @@ def _values(value: Value | None) -> list[int] | str | None:
     return value if value is None or isinstance(value, str) else list(value)
 
 
-def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable, cookies: list[int]) -> dict:
+def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable,
+                   live: dict[int, dict[str, Value]]) -> dict:
     netns = {}
-    for cookie in cookies:
+    for cookie, values in live.items():
         if cookie != GLOBAL and not t.namespaced:
             continue
         record = engine.changes.records.get((t.name, cookie))
-        current = _live(engine, t, cookie) if t.sysctl else None
+        current = values.get(t.name)
         if current is None and record is None:
             continue
         netns[str(cookie)] = {
@@ -139,7 +140,7 @@ def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable, cookies: list[int])
             "sysctl": t.sysctl, "netns": netns}
 
 
-def _tuner_state(engine: Engine, tuner: Tuner, cookies: list[int]) -> dict:
+def _tuner_state(engine: Engine, tuner: Tuner, live: dict[int, dict[str, Value]]) -> dict:
     counts: dict[int, dict[str, int]] = {}
     for (tname, _tunable, scenario, cookie), n in engine.changes.scenario_counts.items():
         if tname == tuner.name:
@@ -154,7 +155,7 @@ def _tuner_state(engine: Engine, tuner: Tuner, cookies: list[int]) -> dict:
         "strategy": tuner.strategy.name if tuner.strategy else None,
         "strategies": [{"name": s.name, "description": s.description}
                        for s in tuner.strategies],
-        "tunables": [_tunable_state(engine, tuner, t, cookies) for t in tuner.tunables],
+        "tunables": [_tunable_state(engine, tuner, t, live) for t in tuner.tunables],
         "scenarios": [{"id": i, "name": s.name, "description": s.description,
                        "metric": scenario_metric(tuner.name, s.name),
                        "counts": counts.get(i, {})} for i, s in enumerate(tuner.scenarios)],
@@ -194,8 +195,11 @@ def state(engine: Engine) -> str:
     }
     netns = {str(c): {"name": engine.namespaces.name(c), "global": c == GLOBAL}
              for c in cookies}
+    sysctls = [t for tuner in engine.tuners for t in tuner.tunables if t.sysctl]
+    live = {c: engine.changes.read_many([t for t in sysctls if c == GLOBAL or t.namespaced], c)
+            for c in cookies}  # one switch into each namespace
     return json.dumps({"version": STATE_VERSION, "daemon": daemon, "netns": netns,
-                       "tuners": [_tuner_state(engine, t, cookies) for t in engine.tuners]})
+                       "tuners": [_tuner_state(engine, t, live) for t in engine.tuners]})
 
 
 QUERIES = (
