@@ -20,6 +20,7 @@ enum { MEM_NORMAL, MEM_NEAR_PRESSURE, MEM_NEAR_EXHAUSTION };
 #define SAMPLE_EVERY 16
 #define SOCK_RCVBUF_LOCK 2
 #define TCP_INT_MAX 2147483647
+#define SOCK_STREAM_TYPE 1
 #define PROTO_TCP 6	/* IPPROTO_TCP; BCC tracepoint programs do not see the uapi enum */
 
 BPF_PERCPU_ARRAY(hot_path_calls, u64, 1);
@@ -113,14 +114,15 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 {
 	void *sk = (void *)ctx->args[0];
 	int sent = (int)ctx->args[1];
-	u16 protocol = 0;
+	u16 protocol = 0, type = 0;
 	u8 userlocks = 0;
 	int sndbuf = 0;
 
 	if (sent <= 0 || !sampled())
 		return 0;
 	READ_AT(protocol, sk, OFF_SK_PROTOCOL);
-	if (protocol != PROTO_TCP)
+	READ_AT(type, sk, OFF_SK_TYPE);
+	if (protocol != PROTO_TCP || type != SOCK_STREAM_TYPE)	/* not raw IPPROTO_TCP sockets */
 		return 0;
 	if (check_socket_memory(sk) != MEM_NORMAL)
 		return 0;

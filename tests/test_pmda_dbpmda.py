@@ -96,3 +96,12 @@ def test_registry_survives_a_restart_without_daemon(fake, var_dir):
                  fake.path, var_dir)
     assert "bpftune.tcp_buffer.changes.net.ipv4.tcp_rmem" in out
     assert "PMID: 486.10.0" in out
+
+
+def test_reordered_tunables_keep_their_metric_numbers(fake, var_dir):
+    dbpmda(["wait 1", "fetch bpftune.tcp_buffer.net.ipv4.tcp_rmem"], fake.path, var_dir)
+    fake.state["tuners"][0]["tunables"].reverse()  # a newer daemon, another order
+    out = dbpmda(["wait 1", "fetch bpftune.tcp_buffer.net.ipv4.tcp_rmem",
+                  "fetch bpftune.tcp_buffer.net.ipv4.tcp_moderate_rcvbuf"], fake.path, var_dir)
+    assert fetched(out, "486.10.0")["global/max"] == "204800"
+    assert fetched(out, "486.10.4") == {"global": "1"}

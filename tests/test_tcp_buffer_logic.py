@@ -105,7 +105,8 @@ def syn_event(tuner: T) -> Event:
 
 @pytest.fixture
 def counters(monkeypatch):
-    c = {"Tcp:PassiveOpens": 0, "TcpExt:SyncookiesRecv": 0, "TcpExt:SyncookiesFailed": 0}
+    c = {"Tcp:PassiveOpens": 0, "TcpExt:SyncookiesRecv": 0, "TcpExt:SyncookiesFailed": 0,
+         "TcpExt:SyncookiesSent": 0}
     monkeypatch.setattr(procnet, "counters", lambda: dict(c))
     return c
 
@@ -132,7 +133,13 @@ def test_syncookies_enabled_under_low_memory_and_disabled_when_ineffective(count
     assert changes.values["net.ipv4.tcp_no_metrics_save"] == (1,)
     tuner.handle(syn_event(tuner))
     assert changes.calls[-1] == ("net.ipv4.tcp_syncookies", T.ENABLE_SYNCOOKIES, (1,))
-    counters["TcpExt:SyncookiesFailed"] = 5000
+    counters["TcpExt:SyncookiesFailed"] = 5000  # before bpftune saw a flood: not counted
+    tuner.handle(syn_event(tuner))
+    assert changes.calls[-1][1] == T.ENABLE_SYNCOOKIES
+    counters["TcpExt:SyncookiesFailed"] += 2000  # failures without cookies sent: spoofed
+    tuner.handle(syn_event(tuner))
+    assert changes.calls[-1][1] == T.ENABLE_SYNCOOKIES
+    counters["TcpExt:SyncookiesSent"] += 2000  # sent, and none came back valid
     tuner.handle(syn_event(tuner))
     assert changes.calls[-1] == ("net.ipv4.tcp_syncookies", T.DISABLE_SYNCOOKIES, (0,))
 

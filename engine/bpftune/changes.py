@@ -124,7 +124,7 @@ class Changes:
         """Values of several tunables in one namespace, switching into it once; unreadable
         tunables (or a namespace that is gone) are left out."""
         found: dict[str, Value] = {}
-        with contextlib.suppress(NetnsError), self.namespaces.entered(cookie):
+        with contextlib.suppress(OSError), self.namespaces.entered(cookie):
             for t in tunables:
                 with contextlib.suppress(SysctlError):
                     found[t.name] = sysctl.read(t.name, string=t.string)
@@ -172,6 +172,8 @@ class Changes:
         if new == old:
             return False
         record = self._record(tuner, tunable, where, old)
+        if record is None:
+            return False
         try:
             sysctl.write(tunable.name, new)
             readback = sysctl.read(tunable.name, string=tunable.string)
@@ -179,25 +181,40 @@ class Changes:
             log.err(f"{tuner.name}: {e}")
             return False
         if readback != new:
+            # The kernel adjusted the value, or someone wrote it at the same moment: record
+            # what is there (so rollback can tell) and write nothing more.
             log.err(f"{tuner.name}: wrote ({format_value(new)}) to '{tunable.name}' but read "
-                    f"back ({format_value(readback)}); restoring ({format_value(old)})")
-            sysctl.write(tunable.name, old)
-            return False
-        self._log_change(tuner, tunable, scenario, where)
-        log.notice(reason.format(old=format_value(old), new=format_value(new)))
+                    f"back ({format_value(readback)})")
+            if readback == old:
+                return False
+            new = readback
         record.current = list(new) if not isinstance(new, str) else new
         record.changes += 1
         record.last_change = time.time()
         self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
-        self.state.save(list(self.records.values()))
+        self._save()
+        self._log_change(tuner, tunable, scenario, where)
+        log.notice(reason.format(old=format_value(old), new=format_value(new)))
         return True
 
-    def _record(self, tuner: Tuner, tunable: Tunable, where: int, old: Value) -> Record:
+    def _save(self) -> bool:
+        try:
+            self.state.save(list(self.records.values()))
+        except OSError as e:
+            log.err(f"cannot save '{self.state.path}': {e}")
+            return False
+        return True
+
+    def _record(self, tuner: Tuner, tunable: Tunable, where: int, old: Value) -> Record | None:
+        """The ledger entry for this change; its original value is on disk before any write
+        (None, and no change, when it cannot be saved)."""
         key = (tunable.name, where)
         if key not in self.records:
             value = old if isinstance(old, str) else list(old)
             self.records[key] = Record(tuner.name, tunable.name, where, value, value)
-            self.state.save(list(self.records.values()))  # the original is safe before we write
+            if not self._save():
+                del self.records[key]
+                return None
         return self.records[key]
 
     def _log_change(self, tuner: Tuner, tunable: Tunable, scenario: int, where: int) -> None:
@@ -248,13 +265,13 @@ class Changes:
             try:
                 with self.namespaces.entered(r.cookie):
                     self._rollback_here(r)
-            except NetnsError:
+            except NetnsError:  # NetnsError is an OSError: keep this clause first
                 log.debug(f"not rolling back '{r.tunable}': {r.where} no longer exists")
-            except SysctlError as e:
+            except OSError as e:
                 log.err(f"cannot roll back '{r.tunable}' in {r.where}: {e}")
                 continue
             del self.records[key]
-        self.state.save(list(self.records.values()))
+        self._save()
 
     def _rollback_here(self, r: Record) -> None:
         string = isinstance(r.original, str)
@@ -279,15 +296,19 @@ class Changes:
             return
         if state.get("boot_id") != boot_id():
             log.notice("ignoring changes recorded before the last reboot")
-            self.state.save([])
+            self._save()
             return
         pid = state.get("pid")
         for raw in state["records"]:
-            r = Record(**raw)
+            try:
+                r = Record(**raw)
+            except TypeError:
+                log.err(f"ignoring unreadable change record in '{self.state.path}': {raw}")
+                continue
             if r.original == r.current:
                 continue
             log.notice(f"bpftune (pid {pid}) left sysctl '{r.tunable}' changed in {r.where} "
                        f"from ({format_value(_as_value(r.original))}) -> "
                        f"({format_value(_as_value(r.current))})")
             self.records[(r.tunable, r.cookie)] = r
-        self.state.save(list(self.records.values()))
+        self._save()

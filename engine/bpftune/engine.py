@@ -223,10 +223,11 @@ class Engine:
     def stop(self) -> None:
         if self.query_server is not None:
             self.query_server.close()
-        for tuner in self.tuners:
-            self.finish(tuner, TunerState.INACTIVE)
-        if self.options.rollback and self.changes is not None:
-            self.changes.rollback()  # what earlier runs of tuners not loaded now left behind
+        with self.lock:  # a query still being answered must not see the ledger change
+            for tuner in self.tuners:
+                self.finish(tuner, TunerState.INACTIVE)
+            if self.options.rollback and self.changes is not None:
+                self.changes.rollback()  # what earlier runs of unloaded tuners left behind
         if self.programs is not None:
             self.programs.close()
         if self.cgroup is not None:

@@ -150,10 +150,21 @@ class Namespaces:
                 new.append(ref)
             return new
 
+    def has(self, cookie: int) -> bool:
+        return self.is_global(cookie) or cookie in self._by_cookie
+
+    def _forget_inodes(self) -> None:
+        """nsfs inode numbers are reused once a namespace is freed, so a cached inode can
+        name a new namespace: recompute every cookie on the next scan."""
+        self._cookie_by_inode.clear()
+
     def add(self, cookie: int, pid: int) -> NetnsRef | None:
         """Register a namespace reported by BPF (creator ``pid``), falling back to a scan."""
         with self._lock:
             ref = self._probe(f"/proc/{pid}/ns/net")
+            if ref is not None and ref.cookie != cookie:
+                self._forget_inodes()
+                ref = self._probe(f"/proc/{pid}/ns/net")
             if ref is not None and ref.cookie == cookie:
                 self._by_cookie[cookie] = ref
                 return ref
@@ -168,6 +179,7 @@ class Namespaces:
         # A namespace kept alive only by sockets has no path: do not walk /proc for it on
         # every event.
         if time.monotonic() - self._missing_since.get(cookie, -RESCAN_SECONDS) >= RESCAN_SECONDS:
+            self._forget_inodes()
             self.scan()
         ref = self._by_cookie.get(cookie)
         if ref is None:
@@ -184,13 +196,21 @@ class Namespaces:
             return
         with self._lock:
             ref = self._valid_ref(cookie)
-            fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # the process behind a /proc path may have exited since
+                fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                self._by_cookie.pop(cookie, None)
+                raise NetnsError(f"cannot open {ref.path}: {e.strerror}") from None
             try:
                 pyroute2_netns.setns(fd, flags=0)
+            except OSError as e:
+                raise NetnsError(f"cannot enter {ref.path}: {e}") from None
             finally:
                 os.close(fd)
             try:
                 if current_cookie() != cookie:
+                    self._by_cookie.pop(cookie, None)
+                    self._forget_inodes()
                     raise NetnsError(f"network namespace {ref.path} is no longer cookie {cookie}")
                 yield
             finally:

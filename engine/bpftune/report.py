@@ -163,12 +163,13 @@ def _tuner_state(engine: Engine, tuner: Tuner, live: dict[int, dict[str, Value]]
 
 
 def _active_cookies(engine: Engine) -> list[int]:
-    """The global netns, and others where bpftune did or was told something."""
-    cookies = {GLOBAL}
-    cookies |= {r.cookie for r in engine.changes.records.values()}
+    """The global netns, and others that still exist where bpftune did or was told
+    something (namespaces that are gone are not looked for again here: this runs every
+    second for the PMDA)."""
+    cookies = {r.cookie for r in engine.changes.records.values()}
     cookies |= {key[3] for key in engine.changes.scenario_counts}
     cookies |= {c for (_, c) in engine.changes.manual}
-    return sorted(cookies)
+    return sorted({GLOBAL} | {c for c in cookies if engine.namespaces.has(c)})
 
 
 def _rss_bytes() -> int:

@@ -58,6 +58,7 @@ class TcpBufferTuner(Tuner):
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),
         "OFF_SK_USERLOCKS": Field("sock.sk_userlocks", 1),
         "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
+        "OFF_SK_TYPE": Field("sock.sk_type", 2),
         "OFF_SK_MAX_ACK_BACKLOG": Field("sock.sk_max_ack_backlog", 4),
         "OFF_PROTO_MEMORY_ALLOCATED": Field("proto.memory_allocated", 8),
         "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
@@ -78,8 +79,8 @@ class TcpBufferTuner(Tuner):
         Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag),
         Tunable("net.ipv4.tcp_no_ssthresh_metrics_save", namespaced=True, optional=True,
                 ceiling=_flag),
-        Tunable("net.core.high_order_alloc_disable", namespaced=True, optional=True,
-                ceiling=_flag),
+        # Upstream marks it namespaced; the kernel keeps one value for all namespaces.
+        Tunable("net.core.high_order_alloc_disable", optional=True, ceiling=_flag),
         # Upstream declares this one with a wrong type, so never reads it; we do.
         Tunable("net.ipv4.tcp_syncookies", namespaced=True, ceiling=lambda: (2,)),
         Tunable("net.ipv4.tcp_max_syn_backlog", namespaced=True,
@@ -137,6 +138,7 @@ class TcpBufferTuner(Tuner):
         self.low_memory_undo: dict[int, dict[int, tuple[int, ...]]] = {}
         self.calm_ticks = 0
         self.syn_floods: dict[int, int] = {}
+        self.syncookie_baseline: dict[int, dict[str, int]] = {}
 
     def handle(self, event: Event) -> None:
         if event.tunable_id in (self.WMEM, self.RMEM):
@@ -265,8 +267,14 @@ class TcpBufferTuner(Tuner):
                     f"low memory issues, increase '{backlog.name}'", expect=(old,))
 
     def _check_syncookies(self, cookie: int, counters: dict[str, int]) -> None:
-        failed = counters.get("TcpExt:SyncookiesFailed", 0)
-        if failed >= SYNCOOKIE_FAILURES and counters.get("TcpExt:SyncookiesRecv", 0) == 0:
+        # Upstream compares counters accumulated since boot, so bogus ACKs sent before any
+        # flood could make it turn syncookies off. We count from the first flood bpftune
+        # sees, and also require that cookies were really sent in that time.
+        base = self.syncookie_baseline.setdefault(cookie, counters)
+        sent, failed, recv = (counters.get(f"TcpExt:Syncookies{k}", 0)
+                              - base.get(f"TcpExt:Syncookies{k}", 0)
+                              for k in ("Sent", "Failed", "Recv"))
+        if min(sent, failed) >= SYNCOOKIE_FAILURES and recv == 0:
             tunable = self.tunables[self.SYNCOOKIES]
             self.change(tunable, self.DISABLE_SYNCOOKIES, cookie, (0,),
                         f"Due to receiving {failed} invalid syncookies and no valid ones, "
