@@ -75,7 +75,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _support(args: argparse.Namespace) -> int:
     from bpftune import support
 
-    if not support.is_root():
+    if os.geteuid() != 0:
         raise UsageError("must be run as root to probe BPF support")
     lines, usable = support.report(support.probe(), plugins.builtin_tuners())
     for line in lines:

@@ -13,7 +13,7 @@ from bpftune import __version__
 from bpftune.changes import GLOBAL
 from bpftune.metrics import scenario_metric, tunable_metrics
 from bpftune.query import Query
-from bpftune.sysctl import SysctlError, Value, format_value
+from bpftune.sysctl import Value, format_value
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -26,15 +26,12 @@ def _quoted(value: Value) -> str:
     return f'"{value}"' if isinstance(value, str) else format_value(value)
 
 
-def _live(engine: Engine, tunable: Tunable, cookie: int = GLOBAL) -> Value | None:
-    try:
-        return engine.changes.read(tunable, cookie)
-    except (SysctlError, OSError):
-        return None
-
-
 def _sysctl_tunables(tuner: Tuner) -> list[Tunable]:
     return [t for t in tuner.tunables if t.sysctl]
+
+
+def _live_global(engine: Engine, tuner: Tuner) -> dict[str, Value]:
+    return engine.changes.read_many(_sysctl_tunables(tuner), GLOBAL)
 
 
 def help_text(engine: Engine) -> str:
@@ -69,27 +66,20 @@ def jtunables(engine: Engine) -> str:
 
 def status(engine: Engine) -> str:
     """Live values, read from the kernel now (upstream shows values cached at start)."""
-    lines = []
-    for tuner in engine.tuners:
-        for t in _sysctl_tunables(tuner):
-            value = _live(engine, t)
-            if value is not None:
-                lines.append(f"{tuner.name:>16} {t.name:>50} {_quoted(value):>34}\n")
-    return "".join(lines)
+    return "".join(f"{tuner.name:>16} {name:>50} {_quoted(value):>34}\n"
+                   for tuner in engine.tuners
+                   for name, value in _live_global(engine, tuner).items())
 
 
 def jstatus(engine: Engine) -> str:
-    def entry(t: Tunable) -> str | None:
-        value = _live(engine, t)
-        if value is None:
-            return None
+    def entry(name: str, value: Value) -> str:
         if isinstance(value, str):
-            return f'"{t.name}": "{value}" '
-        if t.values > 1:
-            return f'"{t.name}":[ {", ".join(map(str, value))} ]'
-        return f'"{t.name}": {value[0]} '
+            return f'"{name}": "{value}" '
+        if len(value) > 1:
+            return f'"{name}":[ {", ".join(map(str, value))} ]'
+        return f'"{name}": {value[0]} '
 
-    return _tab_json([(tuner.name, [e for t in _sysctl_tunables(tuner) if (e := entry(t))])
+    return _tab_json([(tuner.name, [entry(n, v) for n, v in _live_global(engine, tuner).items()])
                       for tuner in engine.tuners])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from bpftune import netns
@@ -112,7 +111,3 @@ def report(s: Support, tuners: list[type[Tuner]]) -> tuple[list[str], bool]:
         why = s.reasons.get(feature, "not available")
         lines.append(f"missing {FEATURES[feature]} ({why}): disables {disabled}")
     return lines, usable
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0

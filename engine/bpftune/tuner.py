@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from bpftune.btf import Field
@@ -64,11 +64,10 @@ class Scenario:
     description: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Strategy:
     name: str
     description: str
-    evaluate: Callable[[], float] = field(default=lambda: 0.0)
 
 
 class Tuner:
