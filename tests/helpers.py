@@ -144,9 +144,9 @@ class Daemon:
     """bpftune started in the foreground (-s) with its log captured."""
 
     def __init__(self, state_dir: Path, *args: str, log_path: Path,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
-        env = dict(os.environ, BPFTUNE_STATE_DIR=str(state_dir))
+        env = dict(os.environ, BPFTUNE_STATE_DIR=str(state_dir), **(env or {}))
         self.log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([*(prefix or []), BPFTUNE, *args], stderr=self.log_file,
                                      stdout=self.log_file, env=env)
@@ -174,6 +174,13 @@ class Daemon:
         return rc
 
 
+def recorded(state_dir: Path) -> list[dict]:
+    """The records of a daemon's ledger, as its journal says."""
+    from bpftune.changes import StateFile
+
+    return [vars(r) for r in StateFile(str(state_dir)).load().records]
+
+
 def wait_until(predicate, timeout: float = 20, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -191,8 +198,8 @@ def managed_sysctls() -> list[str]:
 
 
 @contextlib.contextmanager
-def daemon(tmp_path: Path, *args: str, stderr: bool = True,
-           prefix: list[str] | None = None, restore: bool = True) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, *args: str, stderr: bool = True, prefix: list[str] | None = None,
+           restore: bool = True, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     """bpftune in the foreground, logging to stderr (-s) unless ``stderr`` is False.
 
     Whatever the daemon changes in the global netns is put back afterwards, so that a test
@@ -204,7 +211,7 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True,
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
             saved.remember(name)
     d = Daemon(tmp_path / "state", *(["-s"] if stderr else []), *args,
-               log_path=tmp_path / "bpftune.log", prefix=prefix)
+               log_path=tmp_path / "bpftune.log", prefix=prefix, env=env)
     try:
         yield d
     finally:

@@ -3,15 +3,17 @@ the ledger and its state file, administrator hand-over, rollback."""
 
 from __future__ import annotations
 
-import json
+import io
 from types import SimpleNamespace
 
 import pytest
 
-from bpftune.changes import Changes, StateFile
+from bpftune import sysctl
+from bpftune.changes import Changes, Record, StateFile
+from bpftune.log import log
 from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
-from helpers import netns_cookie, read_sysctl, values
+from helpers import netns_cookie, read_sysctl, recorded, values
 
 RMEM = TcpBufferTuner.tunables[TcpBufferTuner.RMEM]
 
@@ -32,7 +34,7 @@ def test_growth_is_capped_at_the_ceiling_and_recorded_before_writing(ns_changes)
     ceiling = _socket_buffer_ceiling()[2]
     assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 2**40), "grow {old} {new}")
     assert values(read_sysctl(RMEM.name, ns)) == [4096, 131072, ceiling]
-    (record,) = json.loads((tmp / "state.json").read_text())["records"]
+    (record,) = recorded(tmp)
     assert record["original"] == [4096, 131072, 131072]
     assert record["current"] == [4096, 131072, ceiling] and record["cookie"] == cookie
     assert changes.scenario_counts[("tcp_buffer", RMEM.name, 0, cookie)] == 1
@@ -56,3 +58,71 @@ def test_manual_namespace_is_left_alone_and_rollback_restores_the_rest(ns_change
     changes.manual.add(("tcp_buffer", cookie))
     assert not changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
     assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
+
+
+def test_the_value_is_announced_on_disk_before_it_is_written(ns_changes, monkeypatch):
+    changes, tuner, cookie, _, tmp = ns_changes
+    seen_at_write = []
+    real_write = sysctl.write
+
+    def observing_write(name, value):
+        seen_at_write.append(recorded(tmp))
+        real_write(name, value)
+
+    monkeypatch.setattr(sysctl, "write", observing_write)
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 196608), "{old} {new}")
+    first, second = ([r for r in journal if r["tunable"] == RMEM.name] for journal in seen_at_write)
+    assert first == [dict(first[0], original=[4096, 131072, 131072],
+                          current=[4096, 131072, 131072], intended=[4096, 131072, 163840])]
+    assert second[0]["current"] == [4096, 131072, 163840]
+    assert second[0]["intended"] == [4096, 131072, 196608]
+    (after,) = recorded(tmp)
+    assert after["intended"] is None and after["current"] == [4096, 131072, 196608]
+
+
+def leftover(changes, tmp, cookie, *, current, intended=None):
+    """A journal as a run killed at some point of the change path leaves it."""
+    record = Record("tcp_buffer", RMEM.name, cookie, [4096, 131072, 131072], current,
+                    changes=1, intended=intended)
+    StateFile(str(tmp)).rewrite([record])
+    changes.adopt_leftovers()
+    return changes.records.get((RMEM.name, cookie))
+
+
+def test_a_write_that_landed_before_the_crash_is_adopted(ns_changes, sysctls):
+    changes, _, cookie, ns, tmp = ns_changes
+    sysctls.set(RMEM.name, "4096 131072 163840", ns)  # what the killed run wrote
+    record = leftover(changes, tmp, cookie, current=[4096, 131072, 131072],
+                      intended=[4096, 131072, 163840])
+    assert record is not None and record.current == [4096, 131072, 163840]
+    changes.rollback()
+    assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
+
+
+def test_a_write_that_never_happened_leaves_nothing_to_adopt(ns_changes):
+    changes, _, cookie, _, tmp = ns_changes
+    assert leftover(changes, tmp, cookie, current=[4096, 131072, 131072],
+                    intended=[4096, 131072, 163840]) is None
+    assert recorded(tmp) == []
+
+
+def test_a_leftover_an_administrator_changed_since_is_forgotten(ns_changes, sysctls,
+                                                                monkeypatch):
+    changes, _, cookie, ns, tmp = ns_changes
+    monkeypatch.setattr(log, "stream", io.StringIO())
+    sysctls.set(RMEM.name, "4096 131072 16384", ns)  # the administrator's value
+    assert leftover(changes, tmp, cookie, current=[4096, 131072, 163840]) is None
+    assert "an administrator changed it since" in log.stream.getvalue()
+    changes.rollback()
+    assert read_sysctl(RMEM.name, ns) == "4096 131072 16384"
+    assert recorded(tmp) == []
+
+
+def test_the_journal_stays_bounded(ns_changes):
+    changes, tuner, cookie, _, tmp = ns_changes
+    for step in range(2 * StateFile.COMPACT_LINES):
+        assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 131073 + step), "{old} {new}")
+    lines = (tmp / "state.jsonl").read_text().count("\n")
+    assert lines <= StateFile.COMPACT_LINES + 4
+    assert recorded(tmp)[0]["current"] == [4096, 131072, 131072 + 2 * StateFile.COMPACT_LINES]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
+import time
 
-from helpers import Iperf, daemon, read_sysctl, values, wait_until
+import pytest
+
+from helpers import Iperf, daemon, read_sysctl, recorded, values, wait_until, write_sysctl
 from test_tcp_buffer import RMEM, WMEM, squeeze_buffers
 
 
@@ -35,8 +39,7 @@ def test_rollback_on_sigterm_restores_global_and_netns_values(tmp_path, sysctls,
         iperf.stop()
     assert "Rolling back sysctl values for 'net.ipv4.tcp_rmem' from (" in d.log
     assert_restored(hosts, squeezed)
-    state = json.loads((tmp_path / "state" / "state.json").read_text())
-    assert state["records"] == []
+    assert recorded(tmp_path / "state") == []
 
 
 def test_changes_left_by_kill_9_are_reported_and_rolled_back_next_run(tmp_path, sysctls,
@@ -51,8 +54,8 @@ def test_changes_left_by_kill_9_are_reported_and_rolled_back_next_run(tmp_path, 
         iperf.stop()
     grown = values(read_sysctl(RMEM))
     assert grown[2] > squeezed[None][RMEM][2], "kill -9 must not roll anything back"
-    recorded = json.loads((tmp_path / "state" / "state.json").read_text())["records"]
-    assert {(r["tunable"], r["cookie"] != 0) for r in recorded} >= {(RMEM, False), (RMEM, True)}
+    left = recorded(tmp_path / "state")
+    assert {(r["tunable"], r["cookie"] != 0) for r in left} >= {(RMEM, False), (RMEM, True)}
 
     (tmp_path / "bpftune.log").write_text("")
     with daemon(tmp_path, "-R", restore=False) as second:
@@ -66,3 +69,77 @@ def test_changes_left_by_kill_9_are_reported_and_rolled_back_next_run(tmp_path, 
     progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], check=True,
                                       capture_output=True, text=True).stdout)
     assert not [p for p in progs if p.get("name") == "bpftune_sysctl_write"]
+
+
+def run_until_killed(d, iperf: Iperf) -> None:
+    """Move traffic until the daemon kills itself at its crash point."""
+    deadline = time.monotonic() + 60
+    while d.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            iperf.run(None, seconds=1)
+    assert d.proc.wait(timeout=10) == -signal.SIGKILL, d.log
+
+
+@pytest.mark.parametrize("point", ["intent", "written", "recorded", "written:3"])
+def test_a_crash_at_any_step_of_the_change_path_loses_no_original(tmp_path, sysctls, hosts,
+                                                                  point):
+    squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
+    iperf = Iperf(hosts.ns, hosts.ns_addr)
+    try:
+        with daemon(tmp_path, "-R", restore=False,
+                    env={"BPFTUNE_TEST_CRASH_AT": point}) as first:
+            run_until_killed(first, iperf)
+    finally:
+        iperf.stop()
+    if point.startswith("written"):  # killed after writing, before recording the write
+        assert any(r["intended"] for r in recorded(tmp_path / "state"))
+    (tmp_path / "bpftune.log").write_text("")
+    with daemon(tmp_path, "-R", restore=False) as second:
+        assert second.stop() == 0
+    assert_restored(hosts, squeezed)
+    assert recorded(tmp_path / "state") == []
+
+
+def test_a_kept_change_an_administrator_overrode_is_not_restored_later(tmp_path, sysctls,
+                                                                        hosts):
+    squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
+    iperf = Iperf(hosts.ns, hosts.ns_addr)
+    try:
+        with daemon(tmp_path, restore=False) as first:  # no -R: changes are kept
+            grow_buffers(hosts, iperf, squeezed)
+            assert first.stop() == 0
+    finally:
+        iperf.stop()
+    lo, default, _ = squeezed[None][RMEM]
+    admin = f"{lo} {default} 16384"
+    write_sysctl(RMEM, admin)  # while bpftune is not running
+    (tmp_path / "bpftune.log").write_text("")
+    with daemon(tmp_path, "-R", restore=False) as second:
+        second.wait_for(r"sysctl 'net.ipv4.tcp_rmem' in global ns is \(" + admin
+                        + r"\), not the \(.*\) bpftune \(pid \d+\) set: an administrator "
+                        r"changed it since")
+        assert second.stop() == 0
+    assert read_sysctl(RMEM) == admin
+    assert values(read_sysctl(RMEM, hosts.ns)) == squeezed[hosts.ns][RMEM]
+
+
+def test_an_administrator_taking_one_tunable_leaves_the_others_to_roll_back(tmp_path,
+                                                                            sysctls, hosts):
+    squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
+    iperf = Iperf(hosts.ns, hosts.ns_addr)
+    try:
+        with daemon(tmp_path, "-R", restore=False) as d:
+            grow_buffers(hosts, iperf, squeezed)
+            assert wait_until(lambda: values(read_sysctl(WMEM))[2] > squeezed[None][WMEM][2])
+            lo, default, _ = squeezed[None][WMEM]
+            admin = f"{lo} {default} 32768"
+            subprocess.run(["sysctl", "-q", "-w", f"{WMEM}={admin}"], check=True)
+            d.wait_for("disabling 'tcp_buffer'")
+            d.wait_for(r"Rolling back sysctl values for 'net.ipv4.tcp_rmem' from \(")
+            assert d.stop() == 0
+    finally:
+        iperf.stop()
+    assert read_sysctl(WMEM) == admin
+    assert values(read_sysctl(RMEM)) == squeezed[None][RMEM]
+    assert values(read_sysctl(RMEM, hosts.ns)) == squeezed[hosts.ns][RMEM]
+    assert read_sysctl("net.ipv4.tcp_moderate_rcvbuf") == "0"

@@ -1,9 +1,11 @@
 """The one path every tunable change takes, and the ledger of what bpftune changed.
 
 ``Changes.apply`` checks the tuner may act in that namespace, clamps growth to hard ceilings,
-writes in the right netns, reads the value back, logs upstream's two lines, counts the
-scenario per netns and records the original value, which is saved to a state file before the
-write so that a crash or ``kill -9`` cannot lose it. Summary and rollback work from the ledger.
+announces the value it is about to write in the ledger's journal (on disk before the write),
+writes in the right netns, reads the value back, records it, logs upstream's two lines and
+counts the scenario per netns. A crash at any point leaves a journal from which the next
+start tells bpftune's values from an administrator's. Summary and rollback work from the
+ledger.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from bpftune import sysctl
@@ -51,7 +54,11 @@ def ordered(values: tuple[int, ...]) -> bool:
 
 @dataclass
 class Record:
-    """A tunable in one namespace that bpftune changed."""
+    """A tunable in one namespace that bpftune changed.
+
+    ``intended`` is the value bpftune is about to write: it is on disk before the write, so
+    that after a crash at any point the next start can tell bpftune's value from an
+    administrator's (see ``Changes.adopt_leftovers``)."""
 
     tuner: str
     tunable: str
@@ -60,6 +67,11 @@ class Record:
     current: list[int] | str
     changes: int = 0
     last_change: float = 0.0
+    intended: list[int] | str | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.tunable, self.cookie)
 
     @property
     def where(self) -> str:
@@ -70,37 +82,103 @@ def _as_value(v: list[int] | str | Value) -> Value:
     return v if isinstance(v, str) else tuple(v)
 
 
+def _as_record_value(v: Value) -> list[int] | str:
+    return v if isinstance(v, str) else list(v)
+
+
 def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for tests: ``BPFTUNE_TEST_CRASH_AT=<point>[:<n>]`` kills the daemon
+    (SIGKILL, like ``kill -9``) the n-th time the change path reaches ``point``."""
+    wanted = os.environ.get("BPFTUNE_TEST_CRASH_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] += 1
+    if _crash_counts[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_counts: Counter[str] = Counter()
+
+
+@dataclass
+class Leftovers:
+    """What a state file says an earlier run left: its pid, and its records."""
+
+    pid: int | None
+    boot_id: str | None
+    records: list[Record]
+
+
 class StateFile:
-    """Changes and originals, rewritten atomically on every change."""
+    """The ledger on disk: a journal of JSON lines, each appended and fsynced before the
+    sysctl write it announces. Line 1 names the daemon (pid, boot id); every later line is
+    a record as it now is, or a record forgotten. Replaying it gives the ledger; a torn last
+    line (a crash while appending) is ignored. The journal is rewritten with only the live
+    records at start and whenever it grows past ``COMPACT_LINES`` plus twice their number,
+    so its size follows the ledger, not the history."""
+
+    COMPACT_LINES = 256
 
     def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "state.json")
+        self.path = os.path.join(directory, "state.jsonl")
         os.makedirs(directory, mode=0o755, exist_ok=True)
+        self.lines = 0
 
-    def load(self) -> dict | None:
+    def load(self) -> Leftovers:
         try:
             with open(self.path) as f:
-                return json.load(f)
+                text = f.read()
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
+            return Leftovers(None, None, [])
+        except OSError as e:
             log.err(f"ignoring unreadable state file '{self.path}': {e}")
-            return None
+            return Leftovers(None, None, [])
+        header: dict = {}
+        records: dict[tuple[str, int], Record] = {}
+        for n, line in enumerate(text.splitlines()):
+            try:
+                entry = json.loads(line)
+                if n == 0:
+                    header = entry
+                elif "forget" in entry:
+                    records.pop(tuple(entry["forget"]), None)
+                else:
+                    r = Record(**entry["record"])
+                    records[r.key] = r
+            except (ValueError, TypeError, KeyError):
+                log.err(f"ignoring unreadable line {n + 1} of '{self.path}'")
+        return Leftovers(header.get("pid"), header.get("boot_id"), list(records.values()))
 
-    def save(self, records: list[Record]) -> None:
-        state = {"pid": os.getpid(), "boot_id": boot_id(),
-                 "records": [asdict(r) for r in records]}
+    def rewrite(self, records: Iterable[Record]) -> None:
+        lines = [json.dumps({"pid": os.getpid(), "boot_id": boot_id()})]
+        lines += [json.dumps({"record": asdict(r)}) for r in records]
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
+            f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        self.lines = len(lines)
+
+    def append(self, entry: dict, live: dict[tuple[str, int], Record]) -> None:
+        """Add ``entry``; ``live`` is the whole ledger with the entry applied, which is
+        what a compaction (or a journal not started yet) writes instead."""
+        if not self.lines or self.lines > self.COMPACT_LINES + 2 * len(live):
+            self.rewrite(live.values())
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.lines += 1
 
 
 class Changes:
@@ -109,6 +187,8 @@ class Changes:
         self.state = state
         self.records: dict[tuple[str, int], Record] = {}
         self.scenario_counts: Counter[tuple[str, str, int, int]] = Counter()
+        #: Scenario counts of namespaces that are gone, folded per (tuner, tunable, scenario).
+        self.departed_counts: Counter[tuple[str, str, int]] = Counter()
         self.manual: set[tuple[str, int]] = set()  # (tuner, cookie) handed to an administrator
 
     def ledger_cookie(self, tunable: Tunable, cookie: int) -> int:
@@ -171,51 +251,72 @@ class Changes:
                 return False
         if new == old:
             return False
-        record = self._record(tuner, tunable, where, old)
+        record = self._announce(tuner, tunable, where, old, new)
         if record is None:
             return False
+        crash_point("intent")
         try:
             sysctl.write(tunable.name, new)
             readback = sysctl.read(tunable.name, string=tunable.string)
         except SysctlError as e:
             log.err(f"{tuner.name}: {e}")
-            return False
+            readback = old
+        crash_point("written")
         if readback != new:
             # The kernel adjusted the value, or someone wrote it at the same moment: record
             # what is there (so rollback can tell) and write nothing more.
             log.err(f"{tuner.name}: wrote ({format_value(new)}) to '{tunable.name}' but read "
                     f"back ({format_value(readback)})")
-            if readback == old:
-                return False
-            new = readback
-        record.current = list(new) if not isinstance(new, str) else new
-        record.changes += 1
-        record.last_change = time.time()
-        self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
-        self._save()
-        self._log_change(tuner, tunable, scenario, where)
-        log.notice(reason.format(old=format_value(old), new=format_value(new)))
-        return True
+        changed = readback != old
+        record.intended = None
+        if changed:
+            record.current = _as_record_value(readback)
+            record.changes += 1
+            record.last_change = time.time()
+            self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
+        self._journal(record)
+        crash_point("recorded")
+        if changed:
+            self._log_change(tuner, tunable, scenario, where)
+            log.notice(reason.format(old=format_value(old), new=format_value(readback)))
+        return changed
 
-    def _save(self) -> bool:
+    def _journal(self, record: Record) -> bool:
         try:
-            self.state.save(list(self.records.values()))
+            self.state.append({"record": asdict(record)}, self.records)
         except OSError as e:
             log.err(f"cannot save '{self.state.path}': {e}")
             return False
         return True
 
-    def _record(self, tuner: Tuner, tunable: Tunable, where: int, old: Value) -> Record | None:
-        """The ledger entry for this change; its original value is on disk before any write
-        (None, and no change, when it cannot be saved)."""
-        key = (tunable.name, where)
-        if key not in self.records:
-            value = old if isinstance(old, str) else list(old)
-            self.records[key] = Record(tuner.name, tunable.name, where, value, value)
-            if not self._save():
-                del self.records[key]
-                return None
-        return self.records[key]
+    def _announce(self, tuner: Tuner, tunable: Tunable, where: int, old: Value,
+                  new: Value) -> Record | None:
+        """The ledger entry for this change, with the value about to be written on disk
+        before the write (None, and no change, when it cannot be saved)."""
+        record = self.records.get((tunable.name, where))
+        if record is None:
+            value = _as_record_value(old)
+            record = Record(tuner.name, tunable.name, where, value, value)
+        elif _as_value(record.current) != old:
+            # An administrator wrote this tunable while the tuner stayed active (its write
+            # was not seen, or it happened before start-up): what is live now is the value
+            # to restore, not the one bpftune once found.
+            log.notice(f"sysctl '{tunable.name}' in {record.where} was changed from "
+                       f"({format_value(_as_value(record.current))}) to ({format_value(old)}) "
+                       f"by someone else; that is now its original value")
+            record = replace(record, original=_as_record_value(old),
+                             current=_as_record_value(old))
+        record.intended = _as_record_value(new)
+        before = self.records.get(record.key)
+        self.records[record.key] = record
+        if not self._journal(record):
+            if before is None:
+                del self.records[record.key]
+            else:
+                before.intended = None
+                self.records[record.key] = before
+            return None
+        return record
 
     def _log_change(self, tuner: Tuner, tunable: Tunable, scenario: int, where: int) -> None:
         s = tuner.scenarios[scenario]
@@ -228,14 +329,30 @@ class Changes:
         self.scenario_counts[(tuner.name, tunable.name, scenario,
                               self.ledger_cookie(tunable, cookie))] += 1
 
+    def forget_netns(self, cookie: int) -> None:
+        """A namespace is gone: drop its records and its administrator hand-overs; its
+        scenario counts live on, folded, in ``departed_counts``."""
+        for key in [k for k in self.records if k[1] == cookie]:
+            del self.records[key]
+            with contextlib.suppress(OSError):
+                self.state.append({"forget": list(key)}, self.records)
+        for key in [k for k in self.scenario_counts if k[3] == cookie]:
+            self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
+        self.manual -= {m for m in self.manual if m[1] == cookie}
+
     # Summary and rollback.
     def summary(self, tuner: Tuner) -> list[str]:
+        counts: Counter[tuple[str, int, bool]] = Counter()
+        for (tname, tunable, scenario, where), n in self.scenario_counts.items():
+            if tname == tuner.name:
+                counts[(tunable, scenario, where == GLOBAL)] += n
+        for (tname, tunable, scenario), n in self.departed_counts.items():
+            if tname == tuner.name:
+                counts[(tunable, scenario, False)] += n
         lines = []
-        for (tname, tunable, scenario, where), n in sorted(self.scenario_counts.items()):
-            if tname != tuner.name:
-                continue
+        for (tunable, scenario, is_global), n in sorted(counts.items()):
             s = tuner.scenarios[scenario]
-            ns = "" if where == GLOBAL else "non-"
+            ns = "" if is_global else "non-"
             lines.append(f"# Summary: scenario '{s.name}' occurred {n} times for tunable "
                          f"'{tunable}' in {ns}global ns. {s.description}")
         for r in self.records.values():
@@ -254,13 +371,10 @@ class Changes:
 
     def rollback(self, tuner_name: str | None = None) -> None:
         """Restore the original value of everything ``tuner_name`` (or any tuner) changed,
-        where the value is still what bpftune set (an administrator's change is left alone)."""
+        wherever the value is still what bpftune set, whatever the tuner's state: an
+        administrator's write to one tunable leaves bpftune's other changes to be undone."""
         for key, r in list(self.records.items()):
             if tuner_name is not None and r.tuner != tuner_name:
-                continue
-            if (r.tuner, r.cookie) in self.manual:
-                log.notice(f"Not rolling back '{r.tunable}' in {r.where}: an administrator "
-                           f"changed it")
                 continue
             try:
                 with self.namespaces.entered(r.cookie):
@@ -271,7 +385,13 @@ class Changes:
                 log.err(f"cannot roll back '{r.tunable}' in {r.where}: {e}")
                 continue
             del self.records[key]
-        self._save()
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        try:
+            self.state.rewrite(self.records.values())
+        except OSError as e:
+            log.err(f"cannot save '{self.state.path}': {e}")
 
     def _rollback_here(self, r: Record) -> None:
         string = isinstance(r.original, str)
@@ -290,25 +410,38 @@ class Changes:
             raise SysctlError(0, f"read back of '{r.tunable}' does not match")
 
     def adopt_leftovers(self) -> None:
-        """Take over the changes a previous run recorded, so -R can roll them back."""
-        state = self.state.load()
-        if not state or not state.get("records"):
-            return
-        if state.get("boot_id") != boot_id():
+        """Take over the changes an earlier run recorded (after a crash, or a clean exit
+        without -R), so -R can roll them back, but only those whose live value is still
+        what bpftune set: anything else was changed by an administrator since."""
+        left = self.state.load()
+        if left.records and left.boot_id != boot_id():
             log.notice("ignoring changes recorded before the last reboot")
-            self._save()
-            return
-        pid = state.get("pid")
-        for raw in state["records"]:
-            try:
-                r = Record(**raw)
-            except TypeError:
-                log.err(f"ignoring unreadable change record in '{self.state.path}': {raw}")
-                continue
-            if r.original == r.current:
-                continue
-            log.notice(f"bpftune (pid {pid}) left sysctl '{r.tunable}' changed in {r.where} "
-                       f"from ({format_value(_as_value(r.original))}) -> "
-                       f"({format_value(_as_value(r.current))})")
-            self.records[(r.tunable, r.cookie)] = r
-        self._save()
+        elif left.records:
+            for r in left.records:
+                if self._adoptable(r, left.pid):
+                    self.records[r.key] = r
+        self._rewrite()
+
+    def _adoptable(self, r: Record, pid: int | None) -> bool:
+        try:
+            with self.namespaces.entered(r.cookie):
+                live = sysctl.read(r.tunable, string=isinstance(r.original, str))
+        except OSError as e:  # a namespace that is gone, or a sysctl that is
+            log.debug(f"forgetting what bpftune (pid {pid}) changed in {r.where}: {e}")
+            return False
+        if r.intended is not None and live == _as_value(r.intended):
+            # It crashed between writing and recording the write.
+            r.current, r.changes = r.intended, r.changes + 1
+        r.intended = None
+        original, current = _as_value(r.original), _as_value(r.current)
+        if live == original:
+            return False
+        if live != current:
+            log.notice(f"sysctl '{r.tunable}' in {r.where} is ({format_value(live)}), not the "
+                       f"({format_value(current)}) bpftune (pid {pid}) set: an administrator "
+                       f"changed it since, so its original ({format_value(original)}) is "
+                       f"forgotten")
+            return False
+        log.notice(f"bpftune (pid {pid}) left sysctl '{r.tunable}' changed in {r.where} "
+                   f"from ({format_value(original)}) -> ({format_value(current)})")
+        return True
