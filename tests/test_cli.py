@@ -91,6 +91,14 @@ def test_daemon_process_is_named_bpftune_and_allow_list_takes_upstream_names(tmp
         d.wait_for("active tuners: sysctl, tcp_buffer$|active tuners: sysctl, tcp_buffer\n")
 
 
+def test_daemon_logs_its_support_level_before_the_tuners_lines(tmp_path):
+    with daemon(tmp_path, "-d") as d:
+        lines = d.log.splitlines()
+    first = next(i for i, line in enumerate(lines) if "tcp_buffer" in line)
+    assert lines.index("bpftune: bpftune works fully") < first
+    assert lines.index("bpftune: bpftune supports per-netns policy (via netns cookie)") < first
+
+
 def test_second_daemon_refuses_to_start(tmp_path):
     with daemon(tmp_path):
         r = bpftune("-s", env={"BPFTUNE_STATE_DIR": str(tmp_path / "other")})

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bpftune import __version__, plugins
+from bpftune import __version__, plugins, support
 from bpftune.bpf import Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
@@ -79,6 +79,7 @@ class Engine:
             self.programs = Programs(btf, self.learning_rate, self.dispatch)
         except (OSError, BtfError) as e:
             raise StartError(str(e)) from None
+        self._log_support(btf)
         for cls in plugins.discover(self.options.allow, self.options.plugin_dir):
             self.load(cls)
         if not self.active_tuners():
@@ -92,6 +93,13 @@ class Engine:
             raise StartError(f"cannot start the query server: {e}") from None
         names = ", ".join(t.name for t in self.active_tuners())
         log.notice(f"bpftune v{__version__} started; active tuners: {names}")
+
+    def _log_support(self, btf: Btf) -> None:
+        """Upstream's support lines ("bpftune works fully", per-netns policy), before any
+        tuner's."""
+        lines, _ = support.report(support.probe(btf, self.programs), plugins.builtin_tuners())
+        for line in lines:
+            log.notice(line)
 
     def _lock_single_instance(self) -> None:
         fd = os.open(PID_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -112,7 +120,8 @@ class Engine:
             self._check_tunables(tuner)
             if tuner.bpf_source:
                 source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
-                tuner.bpf = self.programs.compile(source, tuner.id, tuner.fields)
+                tuner.bpf = self.programs.compile(source, tuner.id, tuner.fields,
+                                                  text=plugins.bpf_text(tuner))
             tuner.init()
         except Exception as e:
             log.err(f"error initializing '{tuner.name}': {e}")

@@ -55,9 +55,14 @@ def _probe_btf(s: Support) -> Btf | None:
     return btf
 
 
-def probe() -> Support:
+def probe(btf: Btf | None = None, programs: Programs | None = None) -> Support:
+    """Probe every feature; a daemon that is starting passes the BTF and the core programs
+    (ring buffer) it already has."""
     s = Support()
-    btf = _probe_btf(s)
+    if btf is None:
+        btf = _probe_btf(s)
+    else:
+        s.present.add("btf")
     if netns.cookies_supported():
         s.present.add("netns_cookie")
     try:
@@ -66,11 +71,13 @@ def probe() -> Support:
         s.reasons["tracepoints"] = str(e)
     if btf is None:
         return s
-    try:
-        programs = Programs(btf, LearningRate(), lambda _event: None)
-    except BpfError as e:
-        s.reasons["ringbuf"] = str(e)
-        return s
+    own_programs = programs is None
+    if own_programs:
+        try:
+            programs = Programs(btf, LearningRate(), lambda _event: None)
+        except BpfError as e:
+            s.reasons["ringbuf"] = str(e)
+            return s
     s.present.add("ringbuf")
     try:
         probe_bpf = programs.compile(bpf_dir() / "probe.bpf.c", 0, {})
@@ -87,7 +94,8 @@ def probe() -> Support:
         except Exception as e:
             s.reasons[feature] = str(e).splitlines()[0]
     probe_bpf.cleanup()
-    programs.close()
+    if own_programs:
+        programs.close()
     return s
 
 
