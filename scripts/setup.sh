@@ -16,10 +16,12 @@ fi
 apt_packages=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool
               linux-headers-amd64 iperf3 iproute2 nftables
               python3-pyroute2 python3-jinja2 pcp python3-pcp redis-server
-              rpm python3-docutils make cpio systemd stress-ng)
+              rpm python3-docutils make cpio systemd stress-ng
+              python3-cap-ng libcap2-bin)
 dnf_packages=(python3 python3-bcc bcc-tools bpftool kernel-devel iperf3
               iproute nftables python3-pyroute2 python3-jinja2 pcp python3-pcp valkey
-              rpm-build python3-docutils make cpio systemd stress-ng)
+              rpm-build python3-docutils make cpio systemd stress-ng
+              python3-libcap-ng libcap)
 
 missing_apt() {
     local p

@@ -1,11 +1,14 @@
-"""Third-party tuners load from a plugin directory only when it and they are trusted."""
+"""Third-party tuners load from a plugin directory only when it and they are trusted, and so
+do the BPF sources they bring."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import struct
+import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -76,3 +79,111 @@ def test_a_tuner_that_fails_to_load_does_not_stop_the_others(tmp_path, plugin_di
     with daemon(tmp_path, "-l", plugin_dir) as d:
         d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, demo")
     assert "error initializing 'broken': cannot load BPF program broken.bpf.c" in d.log
+
+
+BPF_PLUGIN = '''
+from bpftune.log import log
+from bpftune.tuner import Scenario, Tuner
+
+
+class BpfDemoTuner(Tuner):
+    name = "bpfdemo"
+    bpf_source = {bpf_source!r}
+    scenarios = (Scenario("exec", "a program was started"),)
+    seen = False
+
+    def handle(self, event):
+        if not self.seen:
+            self.seen = True
+            log.notice(f"bpfdemo: event from its BPF program (pid {{event.pid}})")
+'''
+BPF_SOURCE = """#include "bpftune.bpf.h"
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+	struct bpftune_event ev = {};
+
+	if (rate_limited(0, 0))
+		return 0;
+	ev.tuner_id = TUNER_ID;
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	submit_event(&ev);
+	return 0;
+}
+"""
+
+
+def write(path: str, text: str, mode: int = 0o644) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture
+def bpf_plugin_dir():
+    """/run/bpftune-plugins-XXX/lib with the demo plugin (no BPF) and the bpfdemo plugin
+    with its BPF source; a valid, trusted evil.bpf.c one level up."""
+    top = tempfile.mkdtemp(prefix="bpftune-plugins-", dir="/run")
+    os.chmod(top, 0o755)
+    d = os.path.join(top, "lib")
+    os.mkdir(d)
+    os.chmod(d, 0o755)
+    write(os.path.join(d, "demo_tuner.py"), PLUGIN)
+    write(os.path.join(top, "evil.bpf.c"), BPF_SOURCE)
+    write(os.path.join(d, "bpfdemo.bpf.c"), BPF_SOURCE)
+    yield d
+    shutil.rmtree(top)
+
+
+def write_bpf_plugin(d: str, bpf_source: str = "bpfdemo.bpf.c") -> str:
+    return write(os.path.join(d, "bpfdemo_tuner.py"), BPF_PLUGIN.format(bpf_source=bpf_source))
+
+
+def test_plugin_with_trusted_bpf_source_is_loaded(tmp_path, bpf_plugin_dir):
+    write_bpf_plugin(bpf_plugin_dir)
+    with daemon(tmp_path, "-l", bpf_plugin_dir) as d:
+        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, bpfdemo, demo")
+        subprocess.run(["true"], check=True)  # an exec for its program to report
+        d.wait_for(r"bpfdemo: event from its BPF program \(pid \d+\)")
+
+
+def symlink_to_copy(c: str) -> None:
+    os.rename(c, c + ".real")
+    os.symlink(c + ".real", c)
+
+
+@pytest.mark.parametrize(("bpf_source", "make_untrusted", "reason"), [
+    ("bpfdemo.bpf.c", lambda c: os.chmod(c, 0o666),
+     "untrusted plugin BPF source '{c}' (mode 666, uid 0)"),
+    ("bpfdemo.bpf.c", lambda c: os.chmod(c, 0o664),
+     "untrusted plugin BPF source '{c}' (mode 664, uid 0)"),
+    ("bpfdemo.bpf.c", lambda c: os.chown(c, 65534, -1),
+     "untrusted plugin BPF source '{c}' (mode 644, uid 65534)"),
+    ("bpfdemo.bpf.c", symlink_to_copy,
+     "cannot inspect plugin BPF source '{c}': Too many levels of symbolic links"),
+    ("bpfdemo.bpf.c", lambda c: os.setxattr(c, "system.posix_acl_access", posix_acl(65534)),
+     "plugin BPF source '{c}' has an access ACL"),
+    ("../evil.bpf.c", None,
+     "plugin BPF source '../evil.bpf.c' of '{py}' is not a file name in the plugin's "
+     "directory"),
+    ("{top}/evil.bpf.c", None,
+     "plugin BPF source '{top}/evil.bpf.c' of '{py}' is not a file name in the plugin's "
+     "directory"),
+], ids=["world-writable", "group-writable", "not-root", "symlink", "acl", "dotdot", "absolute"])
+def test_plugin_with_untrusted_bpf_source_is_refused(tmp_path, bpf_plugin_dir, bpf_source,
+                                                     make_untrusted, reason):
+    top = os.path.dirname(bpf_plugin_dir)
+    bpf_source = bpf_source.format(top=top)
+    plugin = write_bpf_plugin(bpf_plugin_dir, bpf_source)
+    source = os.path.join(bpf_plugin_dir, "bpfdemo.bpf.c")
+    if make_untrusted:
+        make_untrusted(source)
+    with daemon(tmp_path, "-l", bpf_plugin_dir) as d:
+        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, demo\n")
+        subprocess.run(["true"], check=True)
+        time.sleep(1)
+    assert reason.format(c=source, py=plugin, top=top) in d.log
+    assert f"refusing untrusted plugin '{plugin}'" in d.log
+    assert "bpfdemo" not in d.log.split("active tuners:")[1]
+    assert "event from its BPF program" not in d.log

@@ -4,6 +4,12 @@ Plugins are Python files named ``<name>_tuner.py``. They run as root inside the 
 they get upstream's trust rules: every directory from ``/`` down and the file itself must be
 owned by root, not group- or world-writable, not a symlink and without POSIX ACLs. The file is
 read from the descriptor that was checked, so it cannot be swapped in between.
+
+Every other file a plugin brings gets the same checks: today that is its BPF source
+(``Tuner.bpf_source``), compiled and loaded into the kernel as root. It must be a plain file
+name in the plugin's own directory (no ``/``, ``..``), passes the checks when the plugin is
+loaded, and its checked text is what the engine compiles (:func:`bpf_text`); a plugin whose
+BPF source fails is refused as a whole.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ _NO_ACL = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 class UntrustedPlugin(Exception):
     pass
+
+
+# The checked BPF source of each plugin tuner class: (bpf_source as checked, its text).
+_plugin_sources: dict[type[Tuner], tuple[str, str]] = {}
 
 
 def builtin_dir() -> str:
@@ -97,10 +107,10 @@ def check_directories(path: str) -> None:
         _check_acl(d, "directory", label)
 
 
-def read_trusted(path: str) -> str:
-    """The text of a plugin file that passed the trust checks."""
+def read_trusted(path: str, what: str = "plugin") -> str:
+    """The text of a plugin file that passed the trust checks (``what`` names it in errors)."""
     check_directories(path)
-    label = f"plugin '{path}'"
+    label = f"{what} '{path}'"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
@@ -115,14 +125,43 @@ def read_trusted(path: str) -> str:
         return f.read().decode()
 
 
+def _refuse(path: str, reason: Exception) -> list[type[Tuner]]:
+    log.err(str(reason))
+    log.err(f"refusing untrusted plugin '{path}'")
+    return []
+
+
+def read_bpf_source(plugin_path: str, name: object) -> str:
+    """The text of the BPF source ``name`` that the plugin ``plugin_path`` names, checked like
+    the plugin itself. Only a file beside the plugin: a name that could lead elsewhere
+    ("../x.bpf.c", "/tmp/x.bpf.c", "sub/x.bpf.c") is refused."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name
+            or os.path.basename(name) != name):
+        raise UntrustedPlugin(f"plugin BPF source {name!r} of '{plugin_path}' is not a file "
+                              f"name in the plugin's directory")
+    path = os.path.join(os.path.dirname(plugin_path), name)
+    return read_trusted(path, "plugin BPF source")
+
+
+def bpf_text(tuner: Tuner) -> str | None:
+    """The checked text of a plugin tuner's BPF source; None for a built-in tuner, whose source
+    is read from bpf_dir()."""
+    cls = type(tuner)
+    if cls.plugin_dir is None:
+        return None
+    name, text = _plugin_sources.get(cls, (None, ""))
+    if name is None or name != tuner.bpf_source:
+        raise UntrustedPlugin(f"BPF source {tuner.bpf_source!r} of plugin tuner "
+                              f"'{tuner.name}' did not pass the plugin checks")
+    return text
+
+
 def load_plugin(path: str) -> list[type[Tuner]]:
     """Tuner classes defined in a trusted plugin file ([] and an error line otherwise)."""
     try:
         source = read_trusted(path)
-    except (UntrustedPlugin, OSError) as e:
-        log.err(str(e))
-        log.err(f"refusing untrusted plugin '{path}'")
-        return []
+    except (UntrustedPlugin, OSError, ValueError) as e:
+        return _refuse(path, e)
     name = os.path.basename(path).removesuffix(".py")
     module = types.ModuleType(f"bpftune_plugin_{name}")
     module.__file__ = path
@@ -132,8 +171,16 @@ def load_plugin(path: str) -> list[type[Tuner]]:
         log.err(f"error initializing '{path}': {e}")
         return []
     classes = _tuner_classes(module)
+    sources = {}
+    for cls in classes:
+        if cls.bpf_source:
+            try:
+                sources[cls] = (cls.bpf_source, read_bpf_source(path, cls.bpf_source))
+            except (UntrustedPlugin, OSError, ValueError) as e:
+                return _refuse(path, e)
     for cls in classes:
         cls.plugin_dir = os.path.dirname(path)
+    _plugin_sources.update(sources)
     return classes
 
 
