@@ -1,50 +1,154 @@
 """What the query interface answers: upstream's queries in upstream's formats, and the
-complete state as JSON for machines (the PCP PMDA)."""
+complete state as JSON for machines (the PCP PMDA).
+
+Every query answers from a :class:`Snapshot`: a copy of the engine's in-memory state made in
+one go under ``engine.lock``. What is slow (switching into namespaces, reading sysctls,
+formatting) happens afterwards, without the lock, so a flood of queries never holds up
+events. The live values ``state`` reads are shared for ``LIVE_SECONDS`` (while the ledger
+stays the same), so a flood of ``state`` queries does one read pass, not one each.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
+import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bpftune import __version__
-from bpftune.changes import GLOBAL
+from bpftune.changes import GLOBAL, Changes, Record
 from bpftune.metrics import scenario_metric, tunable_metrics
 from bpftune.query import Query
 from bpftune.sysctl import Value, format_value
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
-    from bpftune.tuner import Tunable, Tuner
+    from bpftune.netns import Namespaces
+    from bpftune.tuner import Scenario, Strategy, Tunable
 
 STATE_VERSION = 1
+LIVE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class TunerView:
+    """A tuner as it was when the snapshot was taken."""
+
+    name: str
+    id: int
+    cluster: int
+    state: str
+    strategy: str | None
+    strategies: tuple[Strategy, ...]
+    tunables: tuple[Tunable, ...]
+    scenarios: tuple[Scenario, ...]
+    #: Its summary lines (its own and the ledger's), for the queries that ask for them.
+    summary: tuple[str, ...]
+
+    @property
+    def sysctls(self) -> list[Tunable]:
+        return [t for t in self.tunables if t.sysctl]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the queries need from the engine, copied under its lock."""
+
+    changes: Changes  # only to read live values: read_many does not touch the ledger
+    tuners: tuple[TunerView, ...]
+    records: dict[tuple[str, int], Record]  # copies
+    scenario_counts: dict[tuple[str, str, int, int], int]
+    manual: frozenset[tuple[str, int]]
+    cookies: tuple[int, ...]  # the namespaces ``state`` reports (see _active_cookies)
+    netns_names: dict[int, str]
+    command_prefixes: dict[int, str]  # for the namespaces of changed records
+    started: float
+    learning_rate: int
+    rollback: bool
+    events_received: int
+    events_dropped: int
+    bpf_programs: int
+    tables: dict[str, int]  # entries kept per namespace (Engine.table_sizes)
+
+    @property
+    def generation(self) -> tuple[int, ...]:
+        """Changes whenever the ledger does."""
+        return (len(self.records), sum(r.changes for r in self.records.values()),
+                sum(self.scenario_counts.values()), len(self.manual))
+
+
+def _copy(record: Record) -> Record:
+    c = copy.copy(record)
+    for attr in ("original", "current"):
+        if isinstance(value := getattr(c, attr), list):
+            setattr(c, attr, list(value))
+    return c
+
+
+def _active_cookies(records: dict[tuple[str, int], Record],
+                    counts: dict[tuple[str, str, int, int], int],
+                    manual: frozenset[tuple[str, int]], namespaces: Namespaces) -> list[int]:
+    """The global netns, and others that still exist where bpftune did or was told
+    something (namespaces that are gone are not looked for again here: this runs every
+    second for the PMDA)."""
+    cookies = {r.cookie for r in records.values()}
+    cookies |= {key[3] for key in counts}
+    cookies |= {c for (_, c) in manual}
+    return sorted({GLOBAL} | {c for c in cookies if namespaces.has(c)})
+
+
+def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
+    """Copy what queries need, briefly holding ``engine.lock``; nothing here enters a
+    namespace or reads a sysctl."""
+    with engine.lock:
+        changes, namespaces, programs = engine.changes, engine.namespaces, engine.programs
+        records = {key: _copy(r) for key, r in changes.records.items()}
+        counts = dict(changes.scenario_counts)
+        manual = frozenset(changes.manual)
+        cookies = _active_cookies(records, counts, manual, namespaces)
+        tuners = tuple(TunerView(
+            name=t.name, id=t.id, cluster=t.cluster(), state=t.state.value,
+            strategy=t.strategy.name if t.strategy else None, strategies=tuple(t.strategies),
+            tunables=tuple(t.tunables), scenarios=tuple(t.scenarios),
+            summary=tuple(t.summarize() + changes.summary(t)) if summaries else ())
+            for t in engine.tuners)
+        return Snapshot(
+            changes=changes, tuners=tuners, records=records, scenario_counts=counts,
+            manual=manual, cookies=tuple(cookies),
+            netns_names={c: namespaces.name(c) for c in cookies},
+            command_prefixes={r.cookie: namespaces.command_prefix(r.cookie)
+                              for r in records.values() if r.cookie != GLOBAL},
+            started=engine.started, learning_rate=engine.learning_rate.rate,
+            rollback=engine.options.rollback,
+            events_received=programs.events_received if programs else 0,
+            events_dropped=programs.events_dropped if programs else 0,
+            bpf_programs=sum(len(t.bpf.funcs) for t in engine.tuners if t.bpf is not None),
+            tables=engine.table_sizes())
 
 
 def _quoted(value: Value) -> str:
     return f'"{value}"' if isinstance(value, str) else format_value(value)
 
 
-def _sysctl_tunables(tuner: Tuner) -> list[Tunable]:
-    return [t for t in tuner.tunables if t.sysctl]
+def _live_global(snap: Snapshot, tuner: TunerView) -> dict[str, Value]:
+    return snap.changes.read_many(tuner.sysctls, GLOBAL)
 
 
-def _live_global(engine: Engine, tuner: Tuner) -> dict[str, Value]:
-    return engine.changes.read_many(_sysctl_tunables(tuner), GLOBAL)
-
-
-def help_text(engine: Engine) -> str:
+def help_text(_snap: Snapshot | None = None) -> str:
     return "".join(f"{q.name:>20} {q.description:>40}\n" for q in QUERIES)
 
 
-def tuners(engine: Engine) -> str:
-    return "".join(f"{t.name:>20} {t.state.value:>20}\n" for t in engine.tuners)
+def tuners(snap: Snapshot) -> str:
+    return "".join(f"{t.name:>20} {t.state:>20}\n" for t in snap.tuners)
 
 
-def tunables(engine: Engine) -> str:
+def tunables(snap: Snapshot) -> str:
     return "".join(f"{tuner.name:>16} {t.name:>50} {'string' if t.string else 'integer':>8} "
-                   f"{t.values:2d}\n" for tuner in engine.tuners for t in tuner.tunables)
+                   f"{t.values:2d}\n" for tuner in snap.tuners for t in tuner.tunables)
 
 
 def _tab_json(objects: list[tuple[str, list[str]]]) -> str:
@@ -57,21 +161,21 @@ def _tab_json(objects: list[tuple[str, list[str]]]) -> str:
     return "{\n" + ",\n".join(blocks) + "\n}"
 
 
-def jtunables(engine: Engine) -> str:
+def jtunables(snap: Snapshot) -> str:
     return _tab_json([
         (tuner.name, [f'"{t.name}":{{\n\t\t\t"type":"{"string" if t.string else "integer"}",'
                       f'\n\t\t\t"num_values":{t.values}\n\t\t}}' for t in tuner.tunables])
-        for tuner in engine.tuners])
+        for tuner in snap.tuners])
 
 
-def status(engine: Engine) -> str:
+def status(snap: Snapshot) -> str:
     """Live values, read from the kernel now (upstream shows values cached at start)."""
     return "".join(f"{tuner.name:>16} {name:>50} {_quoted(value):>34}\n"
-                   for tuner in engine.tuners
-                   for name, value in _live_global(engine, tuner).items())
+                   for tuner in snap.tuners
+                   for name, value in _live_global(snap, tuner).items())
 
 
-def jstatus(engine: Engine) -> str:
+def jstatus(snap: Snapshot) -> str:
     def entry(name: str, value: Value) -> str:
         if isinstance(value, str):
             return f'"{name}": "{value}" '
@@ -79,26 +183,26 @@ def jstatus(engine: Engine) -> str:
             return f'"{name}":[ {", ".join(map(str, value))} ]'
         return f'"{name}": {value[0]} '
 
-    return _tab_json([(tuner.name, [entry(n, v) for n, v in _live_global(engine, tuner).items()])
-                      for tuner in engine.tuners])
+    return _tab_json([(tuner.name, [entry(n, v) for n, v in _live_global(snap, tuner).items()])
+                      for tuner in snap.tuners])
 
 
-def summary(engine: Engine) -> str:
+def summary(snap: Snapshot) -> str:
     lines = ["# Summary of changes made across all tuners:"]
-    for tuner in engine.tuners:
-        lines += tuner.summarize() + engine.changes.summary(tuner)
+    for tuner in snap.tuners:
+        lines += tuner.summary
     return "\n".join(lines) + "\n"
 
 
-def rollback(engine: Engine) -> str:
+def rollback(snap: Snapshot) -> str:
     lines = ["# Summary of rollback operations needed to restore original state for all tuners:"]
-    for r in engine.changes.records.values():
+    for r in snap.records.values():
         if r.original == r.current:
             continue
         original = r.original if isinstance(r.original, str) else format_value(tuple(r.original))
         command = f'sysctl -w {r.tunable}="{original}"'
         if r.cookie != GLOBAL:
-            command = f"{engine.namespaces.command_prefix(r.cookie)} {command}"
+            command = f"{snap.command_prefixes[r.cookie]} {command}"
         lines += [f"# To roll back changes to '{r.tunable}', run the following as a privileged "
                   f"user in a terminal:", command]
     return "\n".join(lines) + "\n"
@@ -108,13 +212,13 @@ def _values(value: Value | None) -> list[int] | str | None:
     return value if value is None or isinstance(value, str) else list(value)
 
 
-def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable,
+def _tunable_state(snap: Snapshot, tuner: TunerView, t: Tunable,
                    live: dict[int, dict[str, Value]]) -> dict:
     netns = {}
     for cookie, values in live.items():
         if cookie != GLOBAL and not t.namespaced:
             continue
-        record = engine.changes.records.get((t.name, cookie))
+        record = snap.records.get((t.name, cookie))
         current = values.get(t.name)
         if current is None and record is None:
             continue
@@ -130,36 +234,56 @@ def _tunable_state(engine: Engine, tuner: Tuner, t: Tunable,
             "sysctl": t.sysctl, "netns": netns}
 
 
-def _tuner_state(engine: Engine, tuner: Tuner, live: dict[int, dict[str, Value]]) -> dict:
+def _tuner_state(snap: Snapshot, tuner: TunerView, live: dict[int, dict[str, Value]]) -> dict:
     counts: dict[int, dict[str, int]] = {}
-    for (tname, _tunable, scenario, cookie), n in engine.changes.scenario_counts.items():
+    for (tname, _tunable, scenario, cookie), n in snap.scenario_counts.items():
         if tname == tuner.name:
             per_netns = counts.setdefault(scenario, {})
             per_netns[str(cookie)] = per_netns.get(str(cookie), 0) + n
     return {
         "name": tuner.name,
         "id": tuner.id,
-        "cluster": tuner.cluster(),
-        "state": tuner.state.value,
-        "manual_netns": sorted(c for (name, c) in engine.changes.manual if name == tuner.name),
-        "strategy": tuner.strategy.name if tuner.strategy else None,
+        "cluster": tuner.cluster,
+        "state": tuner.state,
+        "manual_netns": sorted(c for (name, c) in snap.manual if name == tuner.name),
+        "strategy": tuner.strategy,
         "strategies": [{"name": s.name, "description": s.description}
                        for s in tuner.strategies],
-        "tunables": [_tunable_state(engine, tuner, t, live) for t in tuner.tunables],
+        "tunables": [_tunable_state(snap, tuner, t, live) for t in tuner.tunables],
         "scenarios": [{"id": i, "name": s.name, "description": s.description,
                        "metric": scenario_metric(tuner.name, s.name),
                        "counts": counts.get(i, {})} for i, s in enumerate(tuner.scenarios)],
     }
 
 
-def _active_cookies(engine: Engine) -> list[int]:
-    """The global netns, and others that still exist where bpftune did or was told
-    something (namespaces that are gone are not looked for again here: this runs every
-    second for the PMDA)."""
-    cookies = {r.cookie for r in engine.changes.records.values()}
-    cookies |= {key[3] for key in engine.changes.scenario_counts}
-    cookies |= {c for (_, c) in engine.changes.manual}
-    return sorted({GLOBAL} | {c for c in cookies if engine.namespaces.has(c)})
+class _LiveValues:
+    """The live values ``state`` reports, read at most once per ``LIVE_SECONDS`` while the
+    ledger and the namespaces reported stay the same; queries arriving during a read pass
+    wait for it rather than start their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._read_at = 0.0
+        self._live: dict[int, dict[str, Value]] = {}
+
+    def get(self, snap: Snapshot) -> dict[int, dict[str, Value]]:
+        key = (id(snap.changes), snap.cookies, snap.generation)
+        with self._lock:
+            now = time.monotonic()
+            if key != self._key or now - self._read_at >= LIVE_SECONDS:
+                self._live = self._read(snap)
+                self._key, self._read_at = key, now
+            return self._live
+
+    @staticmethod
+    def _read(snap: Snapshot) -> dict[int, dict[str, Value]]:
+        sysctls = [t for tuner in snap.tuners for t in tuner.sysctls]
+        return {c: snap.changes.read_many([t for t in sysctls if c == GLOBAL or t.namespaced], c)
+                for c in snap.cookies}  # one switch into each namespace
+
+
+_live_values = _LiveValues()
 
 
 def _rss_bytes() -> int:
@@ -167,30 +291,26 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def state(engine: Engine) -> str:
+def state(snap: Snapshot) -> str:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cookies = _active_cookies(engine)
-    programs = engine.programs
     daemon = {
         "pid": os.getpid(),
         "version": __version__,
-        "started": engine.started,
-        "uptime": time.time() - engine.started,
-        "learning_rate": engine.learning_rate.rate,
-        "rollback": engine.options.rollback,
-        "events_received": programs.events_received if programs else 0,
-        "events_dropped": programs.events_dropped if programs else 0,
-        "bpf_programs": sum(len(t.bpf.funcs) for t in engine.tuners if t.bpf is not None),
+        "started": snap.started,
+        "uptime": time.time() - snap.started,
+        "learning_rate": snap.learning_rate,
+        "rollback": snap.rollback,
+        "events_received": snap.events_received,
+        "events_dropped": snap.events_dropped,
+        "bpf_programs": snap.bpf_programs,
+        "tables": snap.tables,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "rss_bytes": _rss_bytes(),
     }
-    netns = {str(c): {"name": engine.namespaces.name(c), "global": c == GLOBAL}
-             for c in cookies}
-    sysctls = [t for tuner in engine.tuners for t in tuner.tunables if t.sysctl]
-    live = {c: engine.changes.read_many([t for t in sysctls if c == GLOBAL or t.namespaced], c)
-            for c in cookies}  # one switch into each namespace
+    netns = {str(c): {"name": snap.netns_names[c], "global": c == GLOBAL} for c in snap.cookies}
+    live = _live_values.get(snap)
     return json.dumps({"version": STATE_VERSION, "daemon": daemon, "netns": netns,
-                       "tuners": [_tuner_state(engine, t, live) for t in engine.tuners]})
+                       "tuners": [_tuner_state(snap, t, live) for t in snap.tuners]})
 
 
 QUERIES = (
@@ -198,7 +318,7 @@ QUERIES = (
     Query("tuners", "show state of tuners", tuners),
     Query("tunables", "show list of tunables", tunables),
     Query("jtunables", "show list of tunables(json)", jtunables),
-    Query("summary", "show summary of changes", summary),
+    Query("summary", "show summary of changes", summary, summaries=True),
     Query("status", "show status of tunables", status),
     Query("jstatus", "show status of tunables(json)", jstatus),
     Query("rollback", "show changes needed to roll back", rollback),
