@@ -43,18 +43,27 @@ struct rate_key {
 	u32 tunable_id;
 };
 
+/* A second ring buffer carries only administrators' sysctl writes (bpf/sysctl.bpf.c), so a
+ * flood of tuning or namespace events can never crowd one out. */
 #ifdef BPFTUNE_CORE
 __attribute__((section("maps/ringbuf")))
 struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
 __attribute__((section("maps/export")))
 struct bpftune_events_table_t __bpftune_events;
+__attribute__((section("maps/ringbuf")))
+struct bpftune_events_table_t bpftune_admin_events = { .max_entries = 64 * PAGE_SIZE };
+__attribute__((section("maps/export")))
+struct bpftune_events_table_t __bpftune_admin_events;
 BPF_TABLE_PUBLIC("lru_hash", struct rate_key, u64, bpftune_last_event, 16384);
-BPF_TABLE_PUBLIC("percpu_array", int, u64, bpftune_dropped, 1);	/* ring buffer full */
+/* events lost because a ring buffer was full: [0] tuning events, [1] administrators' */
+BPF_TABLE_PUBLIC("percpu_array", int, u64, bpftune_dropped, 2);
 #else
 __attribute__((section("maps/extern")))
 struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
+__attribute__((section("maps/extern")))
+struct bpftune_events_table_t bpftune_admin_events = { .max_entries = 64 * PAGE_SIZE };
 BPF_TABLE("extern", struct rate_key, u64, bpftune_last_event, 16384);
-BPF_TABLE("extern", int, u64, bpftune_dropped, 1);
+BPF_TABLE("extern", int, u64, bpftune_dropped, 2);
 
 #define GROW(v)	((v) + max_t(s64, (v) >> LEARNING_SHIFT, 1))
 #define SHRINK(v) ((v) - max_t(s64, (v) >> LEARNING_SHIFT, 1))
@@ -98,17 +107,39 @@ static __always_inline bool rate_limited(u64 cookie, u32 tunable_id)
 	return false;
 }
 
+static __always_inline void count_dropped(int which)
+{
+	u64 *dropped = bpftune_dropped.lookup(&which);
+
+	if (dropped)
+		(*dropped)++;
+}
+
 /* Send an event to userspace, counting it as dropped if the ring buffer is full. */
 static __always_inline void submit_event(struct bpftune_event *ev)
 {
-	int zero = 0;
-	u64 *dropped;
+	if (bpftune_events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+		count_dropped(0);
+}
 
-	if (bpftune_events.ringbuf_output(ev, sizeof(*ev), 0) == 0)
-		return;
-	dropped = bpftune_dropped.lookup(&zero);
-	if (dropped)
-		(*dropped)++;
+/* At most `limit` calls per second pass, over all CPUs (approximately: the window is reset
+ * without a lock); a bucket is one slot of an array map the program owns. */
+struct rate_window {
+	u64 start;
+	u64 count;
+};
+
+static __always_inline bool over_budget(struct rate_window *w, u64 limit)
+{
+	u64 now = bpf_ktime_get_ns();
+
+	if (!w)
+		return true;
+	if (now - w->start >= 1000000000ULL) {
+		w->start = now;
+		w->count = 0;
+	}
+	return __sync_fetch_and_add(&w->count, 1) >= limit;
 }
 
 /* Propose changing a tunable from old to new values in a netns; rate limited. */

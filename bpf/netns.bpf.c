@@ -4,13 +4,19 @@
  *
  * unshare(CLONE_NEWNET) has no cheap hook: enabling any syscalls:* tracepoint sends every
  * system call of every process through the tracing slow path (measured: 4.5% fewer
- * stress-ng socket ops). Namespaces made that way are found by the engine instead: bind
- * mounts under /run/netns are listed each second, and any other namespace is found the
- * first time one of its sockets reaches a tuner.
+ * stress-ng socket ops). Namespaces made that way are found by the engine instead: new
+ * names under /run/netns through inotify, and any other namespace the first time one of
+ * its sockets reaches a tuner.
  */
 #include "bpftune.bpf.h"
 
+#define NETNS_EVENTS_PER_SEC 64
+
 BPF_TABLE("lru_hash", u64, u8, reported_netns, 4096);
+/* Anyone may create namespaces as fast as they can (unshare -rn): past the budget the
+ * engine is told only that it missed some (`missed`), and finds them with one rescan. */
+BPF_ARRAY(budget, struct rate_window, 1);
+BPF_ARRAY(missed, u64, 1);
 
 static __always_inline void *task_net(void *task)
 {
@@ -27,10 +33,18 @@ static __always_inline void report_netns(void *net, u32 pid)
 	struct bpftune_event ev = {};
 	u64 cookie = net_cookie(net);
 	u8 one = 1;
+	int zero = 0;
+	u64 *count;
 
 	if (!cookie || reported_netns.lookup(&cookie))
 		return;
 	reported_netns.update(&cookie, &one);
+	if (over_budget(budget.lookup(&zero), NETNS_EVENTS_PER_SEC)) {
+		count = missed.lookup(&zero);
+		if (count)
+			__sync_fetch_and_add(count, 1);
+		return;
+	}
 	ev.tuner_id = TUNER_ID;
 	ev.netns_cookie = cookie;
 	ev.pid = pid;

@@ -6,8 +6,10 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -219,3 +221,61 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True, prefix: list[str] | 
             d.stop()
         if restore:
             saved.restore()
+
+
+def _loopback_transfer_until_tuned(timeout: float) -> float | None:
+    """In the calling thread's netns: send over loopback until tcp_rmem changes; seconds
+    from the first byte to the change (None if it did not change)."""
+    def rmem() -> str:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+            return f.read()
+
+    before = rmem()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        reader = threading.Thread(target=_drain, args=(server,), daemon=True)
+        reader.start()
+        start = time.monotonic()
+        with socket.create_connection(server.getsockname()) as client:
+            chunk = b"x" * (1 << 16)
+            while rmem() == before and time.monotonic() - start < timeout:
+                for _ in range(32):
+                    client.sendall(chunk)
+        reader.join(timeout=10)
+    return time.monotonic() - start if rmem() != before else None
+
+
+def _drain(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        while conn.recv(1 << 16):
+            pass
+
+
+def churn_namespace(name: str, timeout: float = 10) -> float | None:
+    """Create a namespace, move loopback traffic in it until bpftune grows its tcp_rmem
+    (it starts with the global namespace's values: squeeze them first), delete it. Returns
+    the seconds bpftune took to react (None if it did not). Runs in a thread of its own,
+    since entering a namespace is per thread."""
+    result: list[float | None] = []
+
+    def work() -> None:
+        pyroute2_netns.create(name)
+        try:
+            pyroute2_netns.setns(name)
+            with IPRoute() as ipr:
+                (lo,) = ipr.link_lookup(ifname="lo")
+                ipr.link("set", index=lo, state="up")
+            result.append(_loopback_transfer_until_tuned(timeout))
+        finally:
+            pyroute2_netns.remove(name)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    if not result:
+        raise AssertionError(f"namespace {name}: churn failed")
+    return result[0]
+
+
+def daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -55,7 +55,7 @@ def test_manual_namespace_is_left_alone_and_rollback_restores_the_rest(ns_change
     assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
     changes.rollback("tcp_buffer")
     assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
-    changes.manual.add(("tcp_buffer", cookie))
+    changes.hand_over("tcp_buffer", cookie)
     assert not changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
     assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
 

@@ -20,6 +20,7 @@ from bpftune.btf import Btf, Field, offset_defines
 from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
+from bpftune.netns import current_cookie
 from bpftune.paths import RUN_DIR, data_dir
 
 COMMON_FIELDS = {
@@ -89,7 +90,8 @@ class Programs:
                 raise BpfError(f"cannot create the BPF ring buffer: {e}") from e
         # Keep a reference: BCC holds only a C pointer to the callback.
         self._callback = self._on_ring_buffer
-        self.core["bpftune_events"].open_ring_buffer(self._callback)
+        for ring in ("bpftune_events", "bpftune_admin_events"):
+            self.core[ring].open_ring_buffer(self._callback)
 
     def _on_ring_buffer(self, _ctx, data, size) -> int:
         event = Event.from_buffer_address(data, size)
@@ -100,14 +102,23 @@ class Programs:
         self.on_event(event)
         return 0
 
-    def _text(self, source: Path) -> bytes:
+    def _text(self, source: Path, text: str | None) -> bytes:
         """The source with bpftune.bpf.h pasted in: BCC rewrites map method calls
         (``bpftune_events.ringbuf_output(...)``) only in the main file, not in headers."""
+        if text is None:
+            # Read by path only what ships with bpftune: a plugin's source comes as text
+            # read through the plugin checks (plugins.read_bpf_source).
+            if source.resolve().parent != self.dir.resolve():
+                raise BpfError(f"refusing to read BPF source '{source}' outside {self.dir}")
+            text = source.read_text()
         header = (self.dir / SHARED_HEADER).read_text()
-        return source.read_text().replace(f'#include "{SHARED_HEADER}"', header).encode()
+        return text.replace(f'#include "{SHARED_HEADER}"', header).encode()
 
-    def compile(self, source: Path, tuner_id: int, fields: dict[str, Field]):
-        """Compile a tuner's BPF source; tracepoints attach automatically."""
+    def compile(self, source: Path, tuner_id: int, fields: dict[str, Field], *,
+                text: str | None = None):
+        """Compile a tuner's BPF source; tracepoints attach automatically. ``text`` is the
+        source's content when the caller has read it (a plugin's, after the trust checks);
+        otherwise ``source`` must be a file of bpf_dir()."""
         if self.btf is None:
             raise BpfError("BPF programs can only be loaded at start-up")
         cflags = [
@@ -115,17 +126,22 @@ class Programs:
             f"-DTUNER_ID={tuner_id}",
             f"-DLEARNING_SHIFT={self.learning_rate.shift}",
             f"-DBPFTUNE_PID={os.getpid()}",
+            f"-DGLOBAL_NETNS_COOKIE={current_cookie()}ULL",
             *offset_defines(self.btf, COMMON_FIELDS | fields),
         ]
         with compiler_output_to_log():
             try:
-                return _bcc().BPF(text=self._text(source), cflags=cflags)
+                return _bcc().BPF(text=self._text(source, text), cflags=cflags)
+            except BpfError:
+                raise
             except Exception as e:
                 raise BpfError(f"cannot load BPF program {source.name}: {e}") from e
 
     @property
     def events_dropped(self) -> int:
-        return sum(self.core[b"bpftune_dropped"][0])
+        """Events lost because a ring buffer was full (tuning and administrators' events)."""
+        table = self.core[b"bpftune_dropped"]
+        return sum(sum(table[i]) for i in range(2))
 
     def loading_done(self) -> None:
         """Once every program is compiled, give back what the parsed BTF (over 100 MB of

@@ -189,7 +189,8 @@ class Changes:
         self.scenario_counts: Counter[tuple[str, str, int, int]] = Counter()
         #: Scenario counts of namespaces that are gone, folded per (tuner, tunable, scenario).
         self.departed_counts: Counter[tuple[str, str, int]] = Counter()
-        self.manual: set[tuple[str, int]] = set()  # (tuner, cookie) handed to an administrator
+        #: (tuner, cookie) handed to an administrator -> when (time.monotonic())
+        self.manual: dict[tuple[str, int], float] = {}
 
     def ledger_cookie(self, tunable: Tunable, cookie: int) -> int:
         if not tunable.namespaced or self.namespaces.is_global(cookie):
@@ -338,7 +339,18 @@ class Changes:
                 self.state.append({"forget": list(key)}, self.records)
         for key in [k for k in self.scenario_counts if k[3] == cookie]:
             self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
-        self.manual -= {m for m in self.manual if m[1] == cookie}
+        self.manual = {m: t for m, t in self.manual.items() if m[1] != cookie}
+
+    def hand_over(self, tuner_name: str, cookie: int) -> None:
+        """An administrator wrote one of the tuner's tunables in that namespace."""
+        self.manual.setdefault((tuner_name, cookie), time.monotonic())
+
+    def forget_unknown_hand_overs(self, scanned_at: float) -> None:
+        """Hand-overs in namespaces a full scan (at ``scanned_at``) made after them did not
+        find: nothing can be tuned there, and keeping them would let a user who makes
+        namespaces as fast as possible grow the table without end."""
+        self.manual = {m: t for m, t in self.manual.items()
+                       if m[1] == GLOBAL or self.namespaces.has(m[1]) or t >= scanned_at}
 
     # Summary and rollback.
     def summary(self, tuner: Tuner) -> list[str]:

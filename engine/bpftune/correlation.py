@@ -54,3 +54,11 @@ class Correlations:
 
     def __getitem__(self, key: tuple) -> Correlation:
         return self._by_key.setdefault(key, Correlation())
+
+    def forget(self, cookie: int) -> None:
+        """Drop the state of a namespace that is gone (keys end with its cookie)."""
+        for key in [k for k in self._by_key if k[-1] == cookie]:
+            del self._by_key[key]
+
+    def __len__(self) -> int:
+        return len(self._by_key)

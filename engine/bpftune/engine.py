@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bpftune import __version__, plugins, support
+from bpftune import __version__, caps, plugins, support
 from bpftune.bpf import Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
@@ -20,6 +20,7 @@ from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
+from bpftune.netns_watch import NetnsWatch
 from bpftune.paths import DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
 from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError
@@ -58,6 +59,7 @@ class Engine:
         self.cgroup: Cgroup | None = None
         self._lock_fd: int | None = None
         self.query_server: QueryServer | None = None
+        self.netns_watch: NetnsWatch | None = None
         # Held while events and ticks change state, and while a query reads it.
         self.lock = threading.RLock()
 
@@ -84,9 +86,18 @@ class Engine:
             self.load(cls)
         if not self.active_tuners():
             raise StartError("no tuners could be loaded")
+        for tuner in self.active_tuners():
+            tuner.started()
         self.programs.loading_done()
-        for ref in self.namespaces.scan():
+        caps.drop()  # keep only what running needs (caps.KEPT); before any thread starts
+        self.namespaces.scan()
+        for ref in self.namespaces.take_new():
             log.debug(f"found netns {ref.path} (cookie {ref.cookie})")
+        try:
+            self.netns_watch = NetnsWatch(self.namespaces, self.announce_new_namespaces,
+                                          self.netns_destroyed)
+        except OSError as e:
+            raise StartError(f"cannot watch network namespaces: {e}") from None
         try:
             self.query_server = QueryServer(self, self.options.port)
         except OSError as e:
@@ -172,6 +183,10 @@ class Engine:
         if not active:
             return
         try:
+            if tuner.acts_in_netns:
+                # Only namespaces bpftune can enter are acted on, and those are forgotten
+                # when they are destroyed: no per-namespace state for others.
+                self.namespaces.ensure(event.netns_cookie)
             tuner.handle(event)
         except NetnsError as e:  # the namespace went away while we acted on it
             log.debug(f"{tuner.name}: {e}")
@@ -194,19 +209,56 @@ class Engine:
                 tuner.tick(now)
             except Exception as e:
                 log.err(f"{tuner.name}: error in periodic check: {e!r}")
+        self.changes.forget_unknown_hand_overs(self.namespaces.last_full_scan)
+        self.announce_new_namespaces()
 
     def _on_signal(self, _signum, _frame) -> None:
         self.stopping = True
+
+    # Namespaces coming and going.
+    def announce_new_namespaces(self) -> None:
+        """Tell every tuner about the namespaces registered since last time (by a BPF
+        event, a new name, a rescan, a tuner's event from a namespace not seen before)."""
+        with self.lock:
+            for ref in self.namespaces.take_new():
+                log.debug(f"netns created (cookie {ref.cookie})")
+                for tuner in self.active_tuners():
+                    tuner.netns_created(ref.cookie)
+
+    def netns_destroyed(self, cookie: int) -> None:
+        """Free everything kept about a namespace that is gone; its scenario counts live on
+        in the totals."""
+        with self.lock:
+            log.debug(f"netns destroyed (cookie {cookie})")
+            for tuner in self.tuners:
+                try:
+                    tuner.netns_destroyed(cookie)
+                except Exception as e:
+                    log.err(f"{tuner.name}: error forgetting netns {cookie}: {e!r}")
+            self.correlations.forget(cookie)
+            self.changes.forget_netns(cookie)
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries kept per namespace, everywhere: they must shrink as namespaces go."""
+        sizes = self.namespaces.tables() | {
+            "records": len(self.changes.records),
+            "scenario_counts": len(self.changes.scenario_counts),
+            "manual": len(self.changes.manual),
+            "correlations": len(self.correlations),
+        }
+        for tuner in self.tuners:
+            sizes |= {f"{tuner.name}.{k}": n for k, n in tuner.table_sizes().items()}
+        return sizes
 
     # Administrator overrides.
     def disable(self, tuner: Tuner, cookie: int) -> None:
         """Hand ``tuner`` over to the administrator in one netns, or everywhere if global."""
         if self.namespaces.is_global(cookie):
-            self.changes.manual.add((tuner.name, 0))
+            self.changes.hand_over(tuner.name, 0)
             self.finish(tuner, TunerState.MANUAL)
         else:
             log.debug(f"setting state of netns (cookie {cookie}) to manual for '{tuner.name}'")
-            self.changes.manual.add((tuner.name, cookie))
+            self.changes.hand_over(tuner.name, cookie)
 
     # Shutdown.
     def finish(self, tuner: Tuner, state: TunerState) -> None:
@@ -241,6 +293,8 @@ class Engine:
             self.programs.close()
         if self.cgroup is not None:
             self.cgroup.close()
+        if self.netns_watch is not None:
+            self.netns_watch.close()
         if self.namespaces is not None:
             self.namespaces.close()
         if self._lock_fd is not None:

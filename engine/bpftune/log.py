@@ -10,10 +10,12 @@ import stat
 import sys
 import syslog
 import threading
+import time
 from typing import TextIO
 
 EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
 SYSLOG_SOCKET = "/dev/log"
+LIMIT_LINES, LIMIT_WINDOW = 10, 60.0
 
 
 def _syslog_socket_exists(path: str = SYSLOG_SOCKET) -> bool:
@@ -31,6 +33,7 @@ class Log:
         self.use_syslog = False
         self.stream: TextIO = sys.stderr
         self._lock = threading.Lock()
+        self._limits: dict[str, tuple[float, int, int]] = {}  # key -> start, logged, skipped
 
     def configure(self, *, to_stderr: bool, debug: bool, stream: TextIO | None = None) -> None:
         self.level = DEBUG if debug else NOTICE
@@ -55,6 +58,23 @@ class Log:
         with self._lock:
             self.stream.write(f"bpftune: {message}\n")
             self.stream.flush()
+
+    def limited(self, key: str, message: str, level: int = NOTICE) -> None:
+        """Log at most LIMIT_LINES lines per ``key`` a minute: what anyone can cause as fast
+        as they like (writes in namespaces of their own) must not flood the log. The first
+        line after a quiet spell says how many were left out."""
+        now = time.monotonic()
+        with self._lock:
+            start, logged, skipped = self._limits.get(key, (now, 0, 0))
+            if now - start >= LIMIT_WINDOW:
+                start, logged = now, 0
+            if logged >= LIMIT_LINES:
+                self._limits[key] = (start, logged, skipped + 1)
+                return
+            self._limits[key] = (start, logged + 1, 0)
+        if skipped:
+            message += f" ({skipped} similar messages suppressed)"
+        self.log(level, message)
 
     def err(self, message: str) -> None:
         self.log(ERR, message)

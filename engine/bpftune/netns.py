@@ -4,6 +4,10 @@ A netns cookie (SO_NETNS_COOKIE) is what BPF programs report. To act in that nam
 need a path to it: a bind mount (``ip netns add``, container runtimes) or a process's
 ``/proc/PID/ns/net``. We never keep a namespace open between uses: holding an fd would keep a
 container's netns alive after the container is gone.
+
+To learn when a namespace is destroyed, each one found is given an nsid in ours
+(RTM_NEWNSID, as ``ip netns set`` does): an nsid holds no reference, and the kernel
+announces RTM_DELNSID for it when the namespace is freed (see ``netns_watch``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink.rtnl import RTM_NEWNSID
+from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
 
 SO_NETNS_COOKIE = 71
 NETNS_RUN_DIR = "/run/netns"
 RESCAN_SECONDS = 5  # how often to look again for a namespace that could not be found
+FULL_SCAN_SECONDS = 1  # walking /proc is costly: at most one full scan a second
+NETNSA_NSID_NOT_ASSIGNED = 0xFFFFFFFF  # -1 as the u32 pyroute2 encodes: "allocate one"
 
 
 class NetnsError(OSError):
@@ -48,6 +58,10 @@ class NetnsRef:
     inode: tuple[int, int]
 
 
+def _is_named(path: str) -> bool:
+    return os.path.dirname(path) == NETNS_RUN_DIR
+
+
 def _mounted_paths() -> Iterator[str]:
     with contextlib.suppress(OSError):
         for name in pyroute2_netns.listnetns(NETNS_RUN_DIR):
@@ -68,6 +82,17 @@ def _candidate_paths() -> Iterator[str]:
             yield f"/proc/{pid}/ns/net"
 
 
+def assign_nsid(rtnl: IPRoute, fd: int) -> int | None:
+    """The nsid of the namespace ``fd`` in ours, allocating one if it has none."""
+    msg = nsidmsg()
+    msg["attrs"] = [("NETNSA_NSID", NETNSA_NSID_NOT_ASSIGNED), ("NETNSA_FD", fd)]
+    with contextlib.suppress(NetlinkError):  # EEXIST: it has one already
+        rtnl.nlm_request(msg, RTM_NEWNSID, NLM_F_REQUEST | NLM_F_ACK)
+    found = rtnl.get_netnsid(fd=fd)
+    nsid = found and found["nsid"]
+    return None if nsid in (None, NETNSA_NSID_NOT_ASSIGNED) else nsid
+
+
 class Namespaces:
     """Registry of known namespaces, keyed by cookie. Switching is per thread."""
 
@@ -77,10 +102,27 @@ class Namespaces:
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[tuple[int, int], int] = {}
         self._missing_since: dict[int, float] = {}  # cookie -> when a scan last missed it
+        self.last_full_scan = -float("inf")
+        self.rescan_wanted = False  # a namespace was reported whose path was not found
+        # nsid -> cookies: nsids are reused, so one may briefly name a gone namespace and
+        # its successor.
+        self._cookies_by_nsid: dict[int, set[int]] = {}
+        self._rtnl = IPRoute()
+        self._new: list[NetnsRef] = []
         self._lock = threading.RLock()
 
     def close(self) -> None:
+        self._rtnl.close()
         os.close(self._own_fd)
+
+    def __len__(self) -> int:
+        return len(self._by_cookie)
+
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-namespace tables, to check they shrink as namespaces go."""
+        return {"namespaces": len(self._by_cookie), "inodes": len(self._cookie_by_inode),
+                "missing": len(self._missing_since),
+                "nsids": sum(len(c) for c in self._cookies_by_nsid.values())}
 
     def is_global(self, cookie: int) -> bool:
         return cookie in (0, self.global_cookie)
@@ -90,7 +132,7 @@ class Namespaces:
         if self.is_global(cookie):
             return "global"
         ref = self._by_cookie.get(cookie)
-        if ref is not None and os.path.dirname(ref.path) == NETNS_RUN_DIR:
+        if ref is not None and _is_named(ref.path):
             return os.path.basename(ref.path)
         return f"cookie-{cookie}"
 
@@ -99,7 +141,7 @@ class Namespaces:
         ref = self._by_cookie.get(cookie)
         if ref is None:
             return f"# network namespace (cookie {cookie}) is gone;"
-        if os.path.dirname(ref.path) == NETNS_RUN_DIR:
+        if _is_named(ref.path):
             return f"ip netns exec {os.path.basename(ref.path)}"
         return f"nsenter --net={ref.path}"
 
@@ -110,13 +152,15 @@ class Namespaces:
         finally:
             pyroute2_netns.setns(self._own_fd, flags=0)
 
-    def _probe(self, path: str) -> NetnsRef | None:
+    def _probe(self, path: str, *, fresh: bool = False) -> NetnsRef | None:
+        """The namespace at ``path``; ``fresh`` skips the inode cache, whose entry may name
+        a namespace freed a moment ago whose inode number was reused."""
         try:
             st = os.stat(path)
         except OSError:
             return None
         inode = (st.st_dev, st.st_ino)
-        cookie = self._cookie_by_inode.get(inode)
+        cookie = None if fresh else self._cookie_by_inode.get(inode)
         if cookie is None:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -133,22 +177,102 @@ class Namespaces:
 
     def scan(self) -> list[NetnsRef]:
         """Find every namespace on the system; return the ones not seen before."""
-        return self._scan(_candidate_paths())
+        with self._lock:
+            now = self.last_full_scan = time.monotonic()
+            self.rescan_wanted = False
+            self._missing_since = {c: t for c, t in self._missing_since.items()
+                                   if now - t < RESCAN_SECONDS}
+            return self._scan(_candidate_paths())
 
-    def scan_mounted(self) -> list[NetnsRef]:
-        """Cheap enough to run every second: only the names under /run/netns."""
-        return self._scan(_mounted_paths())
+    def rescan_if_wanted(self) -> list[NetnsRef]:
+        """The full scan that namespaces reported without a path asked for, at most one a
+        second however many asked (a flood of short-lived namespaces costs one walk)."""
+        if not self.rescan_wanted or not self._full_scan_allowed():
+            return []
+        return self.scan()
 
-    def _scan(self, paths: Iterable[str]) -> list[NetnsRef]:
+    def _full_scan_allowed(self) -> bool:
+        return time.monotonic() - self.last_full_scan >= FULL_SCAN_SECONDS
+
+    def found_at(self, path: str) -> NetnsRef | None:
+        """Register the namespace at ``path`` (e.g. a new name under /run/netns); the ref
+        if it was not known before."""
+        return next(iter(self._scan([path], fresh=True)), None)
+
+    def ensure(self, cookie: int) -> None:
+        """Make sure the namespace ``cookie`` is registered (and so forgotten when it is
+        destroyed); NetnsError if it cannot be found."""
+        if not self.is_global(cookie):
+            with self._lock:
+                self._valid_ref(cookie)
+
+    def known_at(self, path: str) -> bool:
+        """Whether ``path`` is a namespace already known (under another path, perhaps)."""
+        ref = self._probe(path)
+        return ref is not None and ref.cookie in self._by_cookie
+
+    def _scan(self, paths: Iterable[str], *, fresh: bool = False) -> list[NetnsRef]:
         with self._lock:
             new = []
             for path in paths:
-                ref = self._probe(path)
-                if ref is None or ref.cookie in self._by_cookie:
+                ref = self._probe(path, fresh=fresh)
+                if ref is None:
                     continue
-                self._by_cookie[ref.cookie] = ref
-                new.append(ref)
+                known = self._by_cookie.get(ref.cookie)
+                if known is None:
+                    self._register(ref)
+                    new.append(ref)
+                elif _is_named(ref.path) and not _is_named(known.path):
+                    self._by_cookie[ref.cookie] = ref  # its name is how people know it
             return new
+
+    def take_new(self) -> list[NetnsRef]:
+        """Namespaces registered since the last call, however they were found."""
+        with self._lock:
+            new, self._new = self._new, []
+            return new
+
+    def _register(self, ref: NetnsRef) -> None:
+        self._by_cookie[ref.cookie] = ref
+        self._new.append(ref)
+        self._missing_since.pop(ref.cookie, None)
+        try:
+            fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            nsid = assign_nsid(self._rtnl, fd)
+        except OSError:
+            nsid = None
+        finally:
+            os.close(fd)
+        if nsid is not None:
+            self._cookies_by_nsid.setdefault(nsid, set()).add(ref.cookie)
+
+    def destroyed(self, nsid: int) -> list[int]:
+        """The kernel freed the namespace with this nsid: forget it, and return its cookie
+        (a successor that reused the nsid and is still there is kept)."""
+        with self._lock:
+            gone = []
+            for cookie in self._cookies_by_nsid.pop(nsid, set()):
+                ref = self._by_cookie.get(cookie)
+                if ref is not None and self._probe(ref.path) == ref:
+                    self._cookies_by_nsid.setdefault(nsid, set()).add(cookie)
+                    continue
+                self.forget(cookie)
+                gone.append(cookie)
+            return gone
+
+    def forget(self, cookie: int) -> None:
+        with self._lock:
+            self._by_cookie.pop(cookie, None)
+            self._missing_since.pop(cookie, None)
+            self._cookie_by_inode = {i: c for i, c in self._cookie_by_inode.items()
+                                     if c != cookie}
+            for nsid, cookies in list(self._cookies_by_nsid.items()):
+                cookies.discard(cookie)
+                if not cookies:
+                    del self._cookies_by_nsid[nsid]
 
     def has(self, cookie: int) -> bool:
         return self.is_global(cookie) or cookie in self._by_cookie
@@ -159,17 +283,20 @@ class Namespaces:
         self._cookie_by_inode.clear()
 
     def add(self, cookie: int, pid: int) -> NetnsRef | None:
-        """Register a namespace reported by BPF (creator ``pid``), falling back to a scan."""
+        """Register a namespace reported by BPF (creator ``pid``). If that process is gone
+        already, ask for a rescan (``rescan_if_wanted``) instead of walking /proc now."""
         with self._lock:
+            if cookie in self._by_cookie:
+                return self._by_cookie[cookie]
             ref = self._probe(f"/proc/{pid}/ns/net")
             if ref is not None and ref.cookie != cookie:
                 self._forget_inodes()
                 ref = self._probe(f"/proc/{pid}/ns/net")
             if ref is not None and ref.cookie == cookie:
-                self._by_cookie[cookie] = ref
+                self._register(ref)
                 return ref
-            self.scan()
-            return self._by_cookie.get(cookie)
+            self.rescan_wanted = True
+            return None
 
     def _valid_ref(self, cookie: int) -> NetnsRef:
         ref = self._by_cookie.get(cookie)
@@ -177,8 +304,9 @@ class Namespaces:
             return ref
         self._by_cookie.pop(cookie, None)
         # A namespace kept alive only by sockets has no path: do not walk /proc for it on
-        # every event.
-        if time.monotonic() - self._missing_since.get(cookie, -RESCAN_SECONDS) >= RESCAN_SECONDS:
+        # every event, nor for each of many such namespaces.
+        missing_since = self._missing_since.get(cookie, -RESCAN_SECONDS)
+        if time.monotonic() - missing_since >= RESCAN_SECONDS and self._full_scan_allowed():
             self._forget_inodes()
             self.scan()
         ref = self._by_cookie.get(cookie)

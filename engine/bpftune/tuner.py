@@ -84,6 +84,9 @@ class Tuner:
     strategies: ClassVar[tuple[Strategy, ...]] = ()
     #: Set for plugin tuners: their BPF source lives beside the plugin file.
     plugin_dir: ClassVar[str | None] = None
+    #: Whether its events are about tuning in the event's namespace (so only namespaces
+    #: bpftune can enter are passed on); False for tuners that watch namespaces themselves.
+    acts_in_netns: ClassVar[bool] = True
     #: PCP cluster of this tuner's metrics: fixed, so PMIDs never change. Plugins may leave it
     #: None for one derived from the name (site-local range).
     pmda_cluster: ClassVar[int | None] = None
@@ -108,6 +111,9 @@ class Tuner:
     def init(self) -> None:
         """Called after the BPF program is loaded and initial values are read."""
 
+    def started(self) -> None:
+        """Called once every tuner is loaded."""
+
     def fini(self) -> None:
         """Called before the BPF program is unloaded."""
 
@@ -116,6 +122,16 @@ class Tuner:
 
     def tick(self, now: float) -> None:
         """Called about once a second from the main loop."""
+
+    def netns_created(self, cookie: int) -> None:
+        """A network namespace was created while bpftune runs."""
+
+    def netns_destroyed(self, cookie: int) -> None:
+        """A network namespace is gone: drop what the tuner keeps about it."""
+
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of the tuner's per-namespace tables (see ``Engine.table_sizes``)."""
+        return {}
 
     def summarize(self) -> list[str]:
         """Extra summary lines (beyond the per-scenario ones the engine prints)."""

@@ -1,6 +1,9 @@
-"""netns: notice network namespaces created while bpftune runs, so every tuner can act in
-them: bpf/netns.bpf.c reports clone() with CLONE_NEWNET; namespaces bind-mounted under
-/run/netns (ip netns add, CNI plugins, podman) are looked for each second."""
+"""netns: count network namespaces created and destroyed while bpftune runs.
+
+bpf/netns.bpf.c reports clone() with CLONE_NEWNET (a process that exits at once is found by
+one coalesced rescan a second later); names under /run/netns and destruction come from
+``bpftune.netns_watch``. The engine tells every tuner, so each can act in a new namespace
+and forget a gone one."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from typing import ClassVar
 
 from bpftune.btf import Field
 from bpftune.events import Event
-from bpftune.log import log
 from bpftune.tuner import Scenario, Tunable, Tuner
 
 
@@ -16,6 +18,7 @@ class NetnsTuner(Tuner):
     name = "netns"
     pmda_cluster = 14
     bpf_source = "netns.bpf.c"
+    acts_in_netns = False
     features = frozenset({"btf", "ringbuf", "raw_tracepoints", "netns_cookie"})
     fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
@@ -27,16 +30,25 @@ class NetnsTuner(Tuner):
         Scenario("netns created", "network namespace creation"),
         Scenario("netns destroyed", "network namespace destruction"),
     )
-    CREATED = 0
+    CREATED, DESTROYED = 0, 1
 
     def handle(self, event: Event) -> None:
-        ref = self.engine.namespaces.add(event.netns_cookie, event.pid)
-        self._created(event.netns_cookie, ref.path if ref else "path not found yet")
+        self.engine.namespaces.add(event.netns_cookie, event.pid)
+        self.engine.announce_new_namespaces()
+
+    def init(self) -> None:
+        self.missed = 0
 
     def tick(self, now: float) -> None:
-        for ref in self.engine.namespaces.scan_mounted():
-            self._created(ref.cookie, ref.path)
+        # Past its budget the BPF program only counts the namespaces it did not report.
+        missed = self.bpf["missed"][0].value
+        if missed != self.missed:
+            self.missed = missed
+            self.engine.namespaces.rescan_wanted = True
+        self.engine.namespaces.rescan_if_wanted()
 
-    def _created(self, cookie: int, where: str) -> None:
-        log.debug(f"netns created (cookie {cookie}, {where})")
+    def netns_created(self, cookie: int) -> None:
         self.engine.changes.count(self, self.tunables[0], self.CREATED, cookie)
+
+    def netns_destroyed(self, cookie: int) -> None:
+        self.engine.changes.count(self, self.tunables[0], self.DESTROYED, cookie)

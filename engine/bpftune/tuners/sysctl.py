@@ -1,8 +1,10 @@
 """sysctl: step aside when an administrator changes a tunable a tuner manages.
 
-bpf/sysctl.bpf.c reports every sysctl write by another process (with the writer's netns);
-a write to any tuner's tunable hands that tuner over to the administrator in that netns, or
-everywhere when the write was in the global netns.
+bpf/sysctl.bpf.c reports writes by other processes to the sysctls tuners manage (with the
+writer's netns), on a ring buffer of their own; a write hands the tuner over to the
+administrator in that netns, or everywhere when the write was in the global netns. Writes in
+the global netns are also counted in a map read each second, so none is missed even when
+its event is lost.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from bpftune.log import log
 from bpftune.tuner import Tuner
 
 PROGRAM = "bpftune_sysctl_write"
+MAX_MANAGED = 64  # as bpf/sysctl.bpf.c
 
 
 def command_of(event: Event) -> str:
@@ -33,6 +36,7 @@ class SysctlTuner(Tuner):
     name = "sysctl"
     pmda_cluster = 13
     bpf_source = "sysctl.bpf.c"
+    acts_in_netns = False
     features = frozenset({"btf", "ringbuf", "cgroup_sysctl"})
     fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
@@ -43,19 +47,52 @@ class SysctlTuner(Tuner):
         cgroup = self.engine.cgroup
         cgroup.detach_stale([PROGRAM])
         cgroup.attach(self.bpf, PROGRAM, BPF_PROG_TYPE_CGROUP_SYSCTL, BPF_CGROUP_SYSCTL)
+        self.slots: list[str] = []  # names the BPF program reports, by slot
+        self.global_writes_seen: list[int] = []
+
+    def started(self) -> None:
+        """Tell the BPF program which sysctls to report: every other tuner's."""
+        names = {t.name for tuner in self.engine.active_tuners() if tuner is not self
+                 for t in tuner.tunables if t.sysctl}
+        self.slots = sorted(names)[:MAX_MANAGED]
+        managed = self.bpf["managed"]
+        for slot, name in enumerate(self.slots):
+            managed[managed.Key(name.replace(".", "/").encode())] = managed.Leaf(slot)
+        self.global_writes_seen = [0] * len(self.slots)
 
     def fini(self) -> None:
         self.engine.cgroup.detach(self.bpf, PROGRAM, BPF_CGROUP_SYSCTL)
 
     def handle(self, event: Event) -> None:
-        name = sysctl.name_of(event.text)
         cookie = event.netns_cookie
+        if self.engine.namespaces.is_global(cookie):
+            slot = event.tunable_id
+            self.global_writes_seen[slot] = max(self.global_writes_seen[slot], event.metric[0])
+        else:  # known namespaces are forgotten when destroyed; see Changes.hand_over
+            self.engine.namespaces.add(cookie, event.pid)
+        self._hand_over(sysctl.name_of(event.text), cookie,
+                        f"pid {event.pid}, cmd '{command_of(event)}'")
+
+    def tick(self, now: float) -> None:
+        """Global writes whose events were lost (a full ring buffer) are still counted."""
+        counts = self.bpf["global_writes"]
+        for slot, name in enumerate(self.slots):
+            count = counts[counts.Key(slot)].value
+            if count > self.global_writes_seen[slot]:
+                self.global_writes_seen[slot] = count
+                self._hand_over(name, self.engine.namespaces.global_cookie,
+                                "a process whose write event was lost")
+
+    def _hand_over(self, name: str, cookie: int, who: str) -> None:
         for tuner in self.engine.active_tuners():
             if tuner is self or not any(t.name == name for t in tuner.tunables):
                 continue
             if self.engine.changes.is_manual(tuner, cookie):
                 continue
-            log.notice(f"pid {event.pid}, cmd '{command_of(event)}' modified sysctl "
-                       f"'{name}' that tuner '{tuner.name}' uses; disabling '{tuner.name}' "
-                       f"for namespace cookie {cookie}")
+            message = (f"{who} modified sysctl '{name}' that tuner '{tuner.name}' uses; "
+                       f"disabling '{tuner.name}' for namespace cookie {cookie}")
+            if self.engine.namespaces.is_global(cookie):
+                log.notice(message)
+            else:  # anyone can write in namespaces of their own, as often as they like
+                log.limited("sysctl hand-over", message)
             self.engine.disable(tuner, cookie)

@@ -140,6 +140,17 @@ class TcpBufferTuner(Tuner):
         self.syn_floods: dict[int, int] = {}
         self.syncookie_baseline: dict[int, dict[str, int]] = {}
 
+    def table_sizes(self) -> dict[str, int]:
+        return {"growth_held": len(self.growth_held_until),
+                "low_memory": len(self.low_memory_undo), "syn_floods": len(self.syn_floods),
+                "syncookie_baseline": len(self.syncookie_baseline)}
+
+    def netns_destroyed(self, cookie: int) -> None:
+        self.growth_held_until = {k: t for k, t in self.growth_held_until.items()
+                                  if k[1] != cookie}
+        for table in (self.low_memory_undo, self.syn_floods, self.syncookie_baseline):
+            table.pop(cookie, None)
+
     def handle(self, event: Event) -> None:
         if event.tunable_id in (self.WMEM, self.RMEM):
             self._grow_buffer(event)

@@ -1,0 +1,117 @@
+"""Namespaces as they come and go, from events rather than polls.
+
+- Created with a name (``ip netns add``, CNI plugins, podman): inotify on /run/netns. The
+  name appears before ``ip`` bind-mounts the namespace on it, so a new name is probed for a
+  short while until it is one.
+- Destroyed, whatever made it: the kernel's RTM_DELNSID for the nsid ``Namespaces`` gave
+  the namespace when it found it (group RTNLGRP_NSID).
+
+Namespaces created by clone() are reported by bpf/netns.bpf.c; others made by unshare() are
+found when one of their sockets first reaches a tuner.
+
+inotify is used through libc with ctypes, as bpf.py does for mount(2): the packaged
+bindings (pyinotify) need asyncore, which Python 3.12 removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import os
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from pyroute2 import IPRoute
+
+from bpftune.log import log
+from bpftune.netns import NETNS_RUN_DIR, Namespaces
+
+RTNLGRP_NSID = 28
+IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
+MOUNT_WAIT_SECONDS = 0.5  # how long a new name may take to become a namespace
+
+
+class NetnsWatch:
+    def __init__(self, namespaces: Namespaces, on_created: Callable[[], None],
+                 on_destroyed: Callable[[int], None]) -> None:
+        self.namespaces = namespaces
+        self.on_created = on_created
+        self.on_destroyed = on_destroyed
+        self._rtnl = IPRoute()
+        self._rtnl.bind(groups=0)
+        self._rtnl.add_membership(RTNLGRP_NSID)
+        self._inotify = self._watch_run_netns()
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="bpftune-netns", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _watch_run_netns() -> int:
+        libc = ct.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if fd < 0:
+            raise OSError(ct.get_errno(), "inotify_init1 failed")
+        # ip netns creates the directory on first use; creating it first changes nothing.
+        os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
+        if libc.inotify_add_watch(fd, NETNS_RUN_DIR.encode(), IN_CREATE | IN_MOVED_TO) < 0:
+            err = ct.get_errno()
+            os.close(fd)
+            raise OSError(err, f"cannot watch {NETNS_RUN_DIR}: {os.strerror(err)}")
+        return fd
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(timeout=5)
+        for fd in (self._stop_r, self._stop_w, self._inotify):
+            os.close(fd)
+        self._rtnl.close()
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._stop_r, self._inotify, self._rtnl], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                if self._inotify in ready:
+                    self._names_created()
+                if self._rtnl in ready:
+                    self._nsids_deleted()
+            except Exception as e:  # the watch must outlive any one bad event
+                log.err(f"error watching network namespaces: {e!r}")
+
+    def _names_created(self) -> None:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._inotify, 65536):
+                data += chunk
+        offset = 0
+        while offset < len(data):
+            _, _, _, size = INOTIFY_EVENT.unpack_from(data, offset)
+            start = offset + INOTIFY_EVENT.size
+            name = data[start:start + size].split(b"\0")[0].decode(errors="replace")
+            offset = start + size
+            self._probe_new_name(os.path.join(NETNS_RUN_DIR, name))
+
+    def _probe_new_name(self, path: str) -> None:
+        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+        delay = 0.001
+        while os.path.exists(path):
+            if self.namespaces.found_at(path) is not None:
+                self.on_created()
+                return
+            if self.namespaces.known_at(path) or time.monotonic() > deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _nsids_deleted(self) -> None:
+        for msg in self._rtnl.get():
+            if msg.get("event") != "RTM_DELNSID":
+                continue
+            nsid = msg.get_attr("NETNSA_NSID")
+            for cookie in self.namespaces.destroyed(nsid):
+                self.on_destroyed(cookie)
