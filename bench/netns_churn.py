@@ -31,10 +31,11 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def measure(pid: int, state_dir: Path) -> dict:
-    tables = json.loads(query.request("state"))["daemon"]["tables"]
+    tables = json.loads(query.request("state"))["daemon"].get("tables")  # None before 2026-12
     return {"fds": daemon_fds(pid), "rss_kib": status_kib(pid, "VmRSS"),
             "state_bytes": sum(f.stat().st_size for f in state_dir.iterdir()),
-            "table_entries": sum(tables.values()), "tables": tables}
+            "table_entries": sum(tables.values()) if tables is not None else -1,
+            "tables": tables}
 
 
 def main(count: int) -> None:
