@@ -11,7 +11,7 @@ marked "Upstream".
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from bpftune import procnet
 from bpftune.btf import Field
@@ -20,6 +20,9 @@ from bpftune.events import Event
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
+
+if TYPE_CHECKING:
+    from bpftune.engine import Engine
 
 
 def _socket_buffer_ceiling() -> tuple[int, ...]:
@@ -132,7 +135,8 @@ class TcpBufferTuner(Tuner):
      ENABLE_SYNCOOKIES, DISABLE_SYNCOOKIES) = range(12)
     LOW_MEMORY_FLAGS = (NO_METRICS_SAVE, NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE)
 
-    def init(self) -> None:
+    def __init__(self, engine: Engine, tuner_id: int) -> None:
+        super().__init__(engine, tuner_id)
         self.growth_held_until: dict[tuple[int, int], float] = {}
         # Per netns: what we changed on entering low memory, to undo exactly that on leaving.
         self.low_memory_undo: dict[int, dict[int, tuple[int, ...]]] = {}
