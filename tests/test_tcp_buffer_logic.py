@@ -1,106 +1,270 @@
-"""tcp_buffer's decisions, driven with synthetic events (the kernel side is tested in
-test_tcp_buffer.py with real traffic)."""
+"""tcp_buffer's decisions, driven with synthetic events through the real change path
+(``Changes.apply``: ceilings, ordering, staleness, read-back, the ledger journal) over an
+in-memory kernel, so that what the change path would cap, refuse or drop is seen as such.
+The kernel side is tested in test_tcp_buffer.py with real traffic."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import sys
+import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 
-from bpftune import procnet
+from bpftune import memory, procnet, sysctl
+from bpftune.changes import GLOBAL, Changes, StateFile
 from bpftune.correlation import Correlations
 from bpftune.events import Event
 from bpftune.learning import LearningRate
+from bpftune.sysctl import SysctlError
+from bpftune.tuners import tcp_buffer
 from bpftune.tuners.tcp_buffer import TcpBufferTuner as T
+from helpers import recorded
 
-COOKIE = 4242
-
-
-class Recorder:
-    """Stands in for the engine's change path: applies changes to a dict of values."""
-
-    def __init__(self, values: dict[str, tuple]) -> None:
-        self.values = values
-        self.calls: list[tuple[str, int, tuple]] = []
-
-    def apply(self, tuner, tunable, scenario, cookie, new, reason, *, expect=None):
-        if expect is not None and self.values[tunable.name] != expect:
-            return False
-        if self.values[tunable.name] == new:
-            return False
-        self.values[tunable.name] = new
-        self.calls.append((tunable.name, scenario, new))
-        return True
-
-    def read(self, tunable, cookie=0):
-        return self.values[tunable.name]
+COOKIE, OTHER = 4242, 4343
+MiB, GiB = 1 << 20, 1 << 30
+RMEM, WMEM, MODERATE = "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.ipv4.tcp_moderate_rcvbuf"
+BACKLOG, SYNCOOKIES = "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_syncookies"
 
 
-def make_tuner(values: dict[str, tuple]) -> tuple[T, Recorder]:
-    changes = Recorder(values)
+class Kernel:
+    """In-memory sysctls, one table per network namespace, standing in for /proc/sys.
+
+    It is also the ``Namespaces`` the change path enters: reading a sysctl in a namespace
+    where it does not exist (a global-only one outside the global netns) is an error, as
+    writing in the wrong namespace would show. Writes to the (cookie, name) pairs in
+    ``ignored`` are accepted but do not take, as when the kernel or a concurrent writer
+    leaves another value there."""
+
+    def __init__(self, tables: dict[int, dict[str, tuple[int, ...]]]) -> None:
+        self.tables = tables
+        self.cookie = GLOBAL
+        self.writes: list[tuple[int, str, tuple[int, ...]]] = []
+        self.ignored: set[tuple[int, str]] = set()
+
+    @classmethod
+    def with_values(cls, values: dict[str, tuple[int, ...]],
+                    cookies: tuple[int, ...] = (COOKIE,)) -> Kernel:
+        """Every tunable in the global netns, namespaced ones also in each of ``cookies``."""
+        namespaced = {t.name for t in T.tunables if t.namespaced}
+        tables: dict[int, dict[str, tuple[int, ...]]] = {GLOBAL: dict(values)}
+        for c in cookies:
+            tables[c] = {n: v for n, v in values.items() if n in namespaced}
+        return cls(tables)
+
+    # Namespaces, as Changes and the tuner use them.
+    def is_global(self, cookie: int) -> bool:
+        return cookie == GLOBAL
+
+    @contextlib.contextmanager
+    def entered(self, cookie: int) -> Iterator[None]:
+        outer, self.cookie = self.cookie, cookie
+        try:
+            yield
+        finally:
+            self.cookie = outer
+
+    # bpftune.sysctl.read / write.
+    def read(self, name: str, *, string: bool = False) -> tuple[int, ...]:
+        try:
+            return self.tables[self.cookie][name]
+        except KeyError:
+            raise SysctlError(errno.ENOENT, f"no sysctl '{name}' in {self.cookie}") from None
+
+    def write(self, name: str, value: tuple[int, ...]) -> None:
+        self.read(name)
+        self.writes.append((self.cookie, name, tuple(value)))
+        if (self.cookie, name) not in self.ignored:
+            self.tables[self.cookie][name] = tuple(value)
+
+    def value(self, name: str, cookie: int = COOKIE) -> tuple[int, ...]:
+        """What is live, wherever the tunable lives."""
+        table = self.tables[cookie]
+        return table[name] if name in table else self.tables[GLOBAL][name]
+
+    def installed(self, monkeypatch: pytest.MonkeyPatch) -> Kernel:
+        monkeypatch.setattr(sysctl, "read", self.read)
+        monkeypatch.setattr(sysctl, "write", self.write)
+        return self
+
+
+def fake_ram(monkeypatch: pytest.MonkeyPatch, ram_bytes: int, page_size: int = 4096) -> None:
+    """Make bpftune see ``ram_bytes`` of RAM in ``page_size`` pages: every bpftune module
+    holding memory's functions (tcp_buffer imports them by name) gets the fakes."""
+    fakes = {id(memory.total_ram_pages): lambda: ram_bytes // page_size,
+             id(memory.page_size): lambda: page_size}
+    for name, module in list(sys.modules.items()):
+        if name == "bpftune" or name.startswith("bpftune."):
+            for attr, value in list(vars(module).items()):
+                if id(value) in fakes:
+                    monkeypatch.setattr(module, attr, fakes[id(value)])
+
+
+def ledger(changes: Changes) -> dict[tuple[str, int], dict]:
+    """The ledger as its journal on disk says, by (tunable, cookie)."""
+    return {(r["tunable"], r["cookie"]): r
+            for r in recorded(os.path.dirname(changes.state.path))}
+
+
+def counted(changes: Changes, scenario: int) -> int:
+    """Changes made for ``scenario`` (as the change path counts them)."""
+    return sum(n for (tuner, _, s, _), n in changes.scenario_counts.items()
+               if tuner == T.name and s == scenario)
+
+
+def make_tuner(kernel: Kernel, tmp_path) -> tuple[T, Changes]:
+    changes = Changes(kernel, StateFile(str(tmp_path)))  # type: ignore[arg-type]
     engine = SimpleNamespace(changes=changes, correlations=Correlations(),
-                             learning_rate=LearningRate(4),
-                             namespaces=SimpleNamespace(entered=lambda c: contextlib.nullcontext()))
-    tuner = T(engine, 0)
+                             learning_rate=LearningRate(4), namespaces=kernel)
+    tuner = T(engine, 0)  # type: ignore[arg-type]
     tuner.init()
     return tuner, changes
 
 
-def event(tunable_id: int, scenario: int, old, new, metric: int = 0) -> Event:
-    e = Event(tuner_id=0, scenario_id=scenario, netns_cookie=COOKIE, tunable_id=tunable_id)
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """``tuned(values, cookies=...)`` -> (tuner, changes, kernel) on 1 GiB of (fake) RAM."""
+    fake_ram(monkeypatch, GiB)
+    runs = iter(range(1000))
+
+    def make(values, cookies=(COOKIE,)):
+        kernel = Kernel.with_values(values, cookies).installed(monkeypatch)
+        state = tmp_path / f"state{next(runs)}"
+        return (*make_tuner(kernel, state), kernel)
+
+    return make
+
+
+def event(tunable_id: int, scenario: int, old, new, metric: int = 0,
+          cookie: int = COOKIE) -> Event:
+    e = Event(tuner_id=0, scenario_id=scenario, netns_cookie=cookie, tunable_id=tunable_id)
     e.old[:len(old)] = old
     e.new[:len(new)] = new
     e.metric[0] = metric
     return e
 
 
-def grow_rmem(tuner: T, rtt: int) -> None:
-    old = tuner.engine.changes.values["net.ipv4.tcp_rmem"]
+def grow(tuner: T, kernel: Kernel, tunable_id: int = T.RMEM, rtt: int = 0,
+         cookie: int = COOKIE) -> None:
+    """What the BPF side sends when a socket's buffer is nearly at the max: max + 25 %."""
+    old = kernel.value(T.tunables[tunable_id].name, cookie)
     new = (old[0], old[1], tuner.engine.learning_rate.grow(old[2]))
-    tuner.handle(event(T.RMEM, T.NEED_INCREASE, old, new, metric=rtt))
+    tuner.handle(event(tunable_id, T.NEED_INCREASE, old, new, metric=rtt, cookie=cookie))
 
 
-def test_growth_correlated_with_latency_is_reversed_and_held():
-    tuner, changes = make_tuner({"net.ipv4.tcp_rmem": (4096, 131072, 131072),
-                                 "net.ipv4.tcp_moderate_rcvbuf": (0,)})
+def test_growth_correlated_with_latency_is_reversed_and_held(tuned, monkeypatch):
+    tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (0,)})
     for i in range(9):  # latency rises with every increase
-        grow_rmem(tuner, rtt=100 + 50 * i)
-    assert [c[1] for c in changes.calls].count(T.NEED_INCREASE) == 9
-    assert ("net.ipv4.tcp_moderate_rcvbuf", T.MATCH_RCVBUF, (1,)) in changes.calls
-    grown = changes.values["net.ipv4.tcp_rmem"][2]
-    grow_rmem(tuner, rtt=600)  # tenth sample: correlation is now clear
-    name, scenario, new = changes.calls[-1]
-    assert (name, scenario) == ("net.ipv4.tcp_rmem", T.LATENCY)
-    assert new[2] == LearningRate(4).shrink(grown)
-    before = len(changes.calls)
-    grow_rmem(tuner, rtt=100)  # growth is held off after a latency decrease
-    assert len(changes.calls) == before
+        grow(tuner, kernel, rtt=100 + 50 * i)
+    assert counted(changes, T.NEED_INCREASE) == 9
+    assert kernel.value(MODERATE) == (1,) and counted(changes, T.MATCH_RCVBUF) == 1
+    grown = kernel.value(RMEM)[2]
+    assert grown > 131072
+    grow(tuner, kernel, rtt=600)  # tenth sample: correlation is now clear
+    assert counted(changes, T.LATENCY) == 1 and counted(changes, T.NEED_INCREASE) == 9
+    assert kernel.value(RMEM) == (4096, 131072, LearningRate(4).shrink(grown))
+    writes = len(kernel.writes)
+    grow(tuner, kernel, rtt=100)  # growth is held off after a latency decrease
+    assert len(kernel.writes) == writes
+    # ... for LATENCY_HOLD_SECONDS only: then the same event grows the max again.
+    later = time.monotonic() + tcp_buffer.LATENCY_HOLD_SECONDS + 1
+    monkeypatch.setattr(tcp_buffer, "time", SimpleNamespace(monotonic=lambda: later))
+    grow(tuner, kernel, rtt=100)
+    assert counted(changes, T.NEED_INCREASE) == 10
+    record = ledger(changes)[(RMEM, COOKIE)]
+    assert record["current"] == list(kernel.value(RMEM)) and record["changes"] == 11
 
 
-def test_uncorrelated_latency_keeps_growing():
-    tuner, changes = make_tuner({"net.ipv4.tcp_rmem": (4096, 131072, 131072),
-                                 "net.ipv4.tcp_moderate_rcvbuf": (1,)})
+def test_uncorrelated_latency_keeps_growing(tuned):
+    tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (1,)})
     for i in range(20):
-        grow_rmem(tuner, rtt=(100, 300)[i % 2])
-    assert all(c[1] == T.NEED_INCREASE for c in changes.calls)
-    assert len(changes.calls) == 20
+        grow(tuner, kernel, rtt=(100, 300)[i % 2])
+    assert counted(changes, T.NEED_INCREASE) == 20 and counted(changes, T.LATENCY) == 0
+    assert kernel.value(RMEM)[2] > 131072 * 80  # 1.25 ** 20 is 86.7
+    assert counted(changes, T.MATCH_RCVBUF) == 0  # already on: nothing to change
 
 
-def test_stale_proposal_is_dropped():
-    tuner, changes = make_tuner({"net.ipv4.tcp_wmem": (4096, 16384, 40000)})
-    tuner.handle(event(T.WMEM, T.NEED_INCREASE, (4096, 16384, 32000), (4096, 16384, 40000)))
-    assert changes.calls == []
+@pytest.mark.parametrize("tunable_id", [T.RMEM, T.WMEM])
+def test_growth_stops_at_one_32nd_of_ram(tuned, tunable_id):
+    """On 1 GiB of RAM no socket buffer max may pass 32 MiB, however full buffers are."""
+    name = T.tunables[tunable_id].name
+    tuner, changes, kernel = tuned({name: (4096, 131072, 30 * MiB), MODERATE: (0,)})
+    grow(tuner, kernel, tunable_id)  # proposes 37.5 MiB
+    assert kernel.value(name) == (4096, 131072, 32 * MiB)
+    assert counted(changes, T.NEED_INCREASE) == 1
+    writes = len(kernel.writes)
+    grow(tuner, kernel, tunable_id)  # proposes 40 MiB: nothing left to grow
+    assert kernel.value(name) == (4096, 131072, 32 * MiB)
+    assert len(kernel.writes) == writes and counted(changes, T.NEED_INCREASE) == 1
 
 
-SYN = {"net.ipv4.tcp_max_syn_backlog": (1024,), "net.ipv4.tcp_syncookies": (0,),
+def test_out_of_order_growth_is_refused_and_triggers_nothing(tuned):
+    """A max grown but still below the default (an administrator left default > max) would
+    leave tcp_rmem out of order: refused, and receive auto-tuning is not touched either.
+    In the other namespace, ordered, the same growth goes through."""
+    tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (0,)},
+                                   cookies=(COOKIE, OTHER))
+    kernel.tables[OTHER][RMEM] = (4096, 262144, 131072)
+    for cookie in (COOKIE, OTHER):
+        grow(tuner, kernel, cookie=cookie)  # 131072 -> 163840
+    assert kernel.value(RMEM, COOKIE) == (4096, 131072, 163840)
+    assert kernel.value(MODERATE, COOKIE) == (1,)
+    assert kernel.value(RMEM, OTHER) == (4096, 262144, 131072)
+    assert kernel.value(MODERATE, OTHER) == (0,)
+    assert all(cookie == COOKIE for cookie, _, _ in kernel.writes)
+    assert set(ledger(changes)) == {(RMEM, COOKIE), (MODERATE, COOKIE)}
+
+
+def test_stale_proposal_is_dropped(tuned):
+    tuner, changes, kernel = tuned({WMEM: (4096, 16384, 40000)})
+    # Computed from a max of 32000 that another event has already grown to 40000.
+    tuner.handle(event(T.WMEM, T.NEED_INCREASE, (4096, 16384, 32000), (4096, 16384, 50000)))
+    assert kernel.value(WMEM) == (4096, 16384, 40000) and kernel.writes == []
+    # The same proposal computed from the live value goes through.
+    tuner.handle(event(T.WMEM, T.NEED_INCREASE, (4096, 16384, 40000), (4096, 16384, 50000)))
+    assert kernel.value(WMEM) == (4096, 16384, 50000)
+    assert counted(changes, T.NEED_INCREASE) == 1
+
+
+def test_a_write_that_does_not_take_is_not_a_change(tuned):
+    """The change path reads the value back: a grown max the kernel did not keep is not
+    counted, and receive auto-tuning is not turned on for it. In the other namespace, where
+    the write takes, both happen."""
+    tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (0,)},
+                                   cookies=(COOKIE, OTHER))
+    kernel.ignored.add((OTHER, RMEM))
+    for cookie in (COOKIE, OTHER):
+        grow(tuner, kernel, cookie=cookie)
+    assert kernel.value(RMEM, COOKIE) == (4096, 131072, 163840)
+    assert kernel.value(MODERATE, COOKIE) == (1,)
+    assert (OTHER, RMEM, (4096, 131072, 163840)) in kernel.writes  # written, not kept
+    assert kernel.value(RMEM, OTHER) == (4096, 131072, 131072)
+    assert kernel.value(MODERATE, OTHER) == (0,)
+    assert counted(changes, T.NEED_INCREASE) == 1 and counted(changes, T.MATCH_RCVBUF) == 1
+    record = ledger(changes)[(RMEM, OTHER)]
+    assert record["current"] == record["original"] == [4096, 131072, 131072]
+    assert record["changes"] == 0
+
+
+SYN = {BACKLOG: (1024,), SYNCOOKIES: (0,),
        "net.ipv4.tcp_no_metrics_save": (0,), "net.ipv4.tcp_no_ssthresh_metrics_save": (0,),
        "net.core.high_order_alloc_disable": (0,), "net.ipv4.tcp_mem": (10, 20, 30)}
 
 
-def syn_event(tuner: T) -> Event:
-    (old,) = tuner.engine.changes.values["net.ipv4.tcp_max_syn_backlog"]
-    return event(T.MAX_SYN_BACKLOG_ID, T.SYN_BACKLOG_INCREASE, (old,), (old + old // 4,))
+def syn_flood(tuner: T, kernel: Kernel) -> None:
+    """What the BPF side sends when the SYN queue is nearly at the backlog: backlog + 25 %."""
+    (old,) = kernel.value(BACKLOG)
+    tuner.handle(event(T.MAX_SYN_BACKLOG_ID, T.SYN_BACKLOG_INCREASE, (old,),
+                       (old + old // 4,)))
+
+
+def exhaust_memory(tuner: T) -> None:
+    """TCP memory is global: the BPF side reports it for the global netns."""
+    tuner.handle(event(T.MEM, T.MEM_EXHAUSTION, (10, 20, 30), (10, 20, 37), cookie=GLOBAL))
 
 
 @pytest.fixture
@@ -111,48 +275,107 @@ def counters(monkeypatch):
     return c
 
 
-def test_syn_backlog_grows_while_connections_are_accepted(counters):
-    tuner, changes = make_tuner(dict(SYN))
+@pytest.mark.parametrize(("accepting", "increases", "decreases"), [
+    (True, 15, 0),  # connections complete: a busy server, more backlog
+    (False, 10, 5),  # after 10 floods without one accepted connection: an attack
+])
+def test_syn_backlog_follows_connection_acceptance(tuned, counters, accepting, increases,
+                                                   decreases):
+    tuner, changes, kernel = tuned(dict(SYN))
+    seen = []
     for _ in range(15):
-        counters["Tcp:PassiveOpens"] += 10
-        tuner.handle(syn_event(tuner))
-    assert {c[1] for c in changes.calls} == {T.SYN_BACKLOG_INCREASE}
-    assert changes.values["net.ipv4.tcp_max_syn_backlog"][0] > 1024
+        counters["Tcp:PassiveOpens"] += 10 if accepting else 0
+        syn_flood(tuner, kernel)
+        seen.append(kernel.value(BACKLOG)[0])
+    assert counted(changes, T.SYN_BACKLOG_INCREASE) == increases
+    assert counted(changes, T.SYN_BACKLOG_DECREASE) == decreases
+    grew, shrank = seen[:increases], seen[increases:]
+    assert grew == sorted(set(grew)) and grew[0] > 1024
+    assert shrank == sorted(set(shrank), reverse=True) and all(b < grew[-1] for b in shrank)
 
 
-def test_syn_backlog_shrinks_when_floods_are_not_accepted(counters):
-    tuner, changes = make_tuner(dict(SYN))
-    for _ in range(15):  # SYNs keep coming, nothing is accepted: an attack
-        tuner.handle(syn_event(tuner))
-    assert changes.calls[-1][1] == T.SYN_BACKLOG_DECREASE
+def test_syn_backlog_growth_stops_at_its_ceiling(tuned, counters):
+    tuner, _, kernel = tuned(dict(SYN, **{BACKLOG: (250000,)}))
+    counters["Tcp:PassiveOpens"] = 10
+    syn_flood(tuner, kernel)  # proposes 312500
+    assert kernel.value(BACKLOG) == (262144,)  # 2^18
+    syn_flood(tuner, kernel)
+    assert kernel.value(BACKLOG) == (262144,)
 
 
-def test_syncookies_enabled_under_low_memory_and_disabled_when_ineffective(counters):
-    tuner, changes = make_tuner(dict(SYN))
-    tuner.handle(event(T.MEM, T.MEM_EXHAUSTION, (10, 20, 30), (10, 20, 37)))
-    assert changes.values["net.ipv4.tcp_no_metrics_save"] == (1,)
-    tuner.handle(syn_event(tuner))
-    assert changes.calls[-1] == ("net.ipv4.tcp_syncookies", T.ENABLE_SYNCOOKIES, (1,))
-    counters["TcpExt:SyncookiesFailed"] = 5000  # before bpftune saw a flood: not counted
-    tuner.handle(syn_event(tuner))
-    assert changes.calls[-1][1] == T.ENABLE_SYNCOOKIES
-    counters["TcpExt:SyncookiesFailed"] += 2000  # failures without cookies sent: spoofed
-    tuner.handle(syn_event(tuner))
-    assert changes.calls[-1][1] == T.ENABLE_SYNCOOKIES
-    counters["TcpExt:SyncookiesSent"] += 2000  # sent, and none came back valid
-    tuner.handle(syn_event(tuner))
-    assert changes.calls[-1] == ("net.ipv4.tcp_syncookies", T.DISABLE_SYNCOOKIES, (0,))
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_syncookies_are_enabled_under_syn_flood_in_low_memory(tuned, counters, low_memory):
+    tuner, changes, kernel = tuned(dict(SYN))
+    if low_memory:
+        exhaust_memory(tuner)
+        assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (1,)
+    counters["Tcp:PassiveOpens"] = 10
+    syn_flood(tuner, kernel)
+    if low_memory:  # syncookies rather than more memory for half-open connections
+        assert kernel.value(SYNCOOKIES) == (1,)
+        assert counted(changes, T.ENABLE_SYNCOOKIES) == 1
+        assert counted(changes, T.SYN_BACKLOG_INCREASE) == 0
+        assert kernel.value(BACKLOG) == (1024,)
+    else:
+        assert kernel.value(SYNCOOKIES) == (0,)
+        assert kernel.value(BACKLOG) == (1280,)
+        assert counted(changes, T.ENABLE_SYNCOOKIES) == 0
 
 
-def test_leaving_low_memory_undoes_only_what_entering_did(counters, monkeypatch):
-    values = dict(SYN, **{"net.ipv4.tcp_no_ssthresh_metrics_save": (1,)})  # admin's choice
-    tuner, changes = make_tuner(values)
-    tuner.handle(event(T.MEM, T.MEM_EXHAUSTION, (10, 20, 30), (10, 20, 37)))
+def syncookies_after(tuned, counters, before_first_flood: dict[str, int],
+                     after_first_flood: dict[str, int]) -> tuple[int, ...]:
+    """Syncookies on; counters grow by ``before_first_flood``, a flood is seen, they grow by
+    ``after_first_flood``, another flood is seen: is tcp_syncookies still on?"""
+    tuner, changes, kernel = tuned(dict(SYN, **{SYNCOOKIES: (1,)}))
+    counters.update({k: 0 for k in counters})
+    for k, v in before_first_flood.items():
+        counters[f"TcpExt:Syncookies{k}"] += v
+    syn_flood(tuner, kernel)
+    for k, v in after_first_flood.items():
+        counters[f"TcpExt:Syncookies{k}"] += v
+    syn_flood(tuner, kernel)
+    assert kernel.value(BACKLOG) == (1024,)  # with syncookies on, the backlog is not tuned
+    assert counted(changes, T.DISABLE_SYNCOOKIES) == (kernel.value(SYNCOOKIES) == (0,))
+    return kernel.value(SYNCOOKIES)
+
+
+INEFFECTIVE = {"Sent": 2000, "Failed": 2000, "Recv": 0}
+
+
+def test_syncookies_are_disabled_when_sent_and_never_validated(tuned, counters):
+    assert syncookies_after(tuned, counters, {}, INEFFECTIVE) == (0,)
+    assert syncookies_after(tuned, counters, {}, {"Sent": 1024, "Failed": 1024}) == (0,)
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    pytest.param(INEFFECTIVE, {}, id="failures-before-the-first-flood"),
+    pytest.param({}, dict(INEFFECTIVE, Sent=0), id="failures-without-cookies-sent"),
+    pytest.param({}, dict(INEFFECTIVE, Recv=1), id="one-cookie-validated"),
+    pytest.param({}, {"Sent": 1023, "Failed": 1023}, id="below-the-threshold"),
+])
+def test_syncookies_stay_on_unless_shown_ineffective_since_the_first_flood(
+        tuned, counters, before, after):
+    # Baseline: the ineffective case, counted from the first flood, turns them off ...
+    assert syncookies_after(tuned, counters, {}, INEFFECTIVE) == (0,)
+    # ... and this one difference keeps them on.
+    assert syncookies_after(tuned, counters, before, after) == (1,)
+
+
+def test_leaving_low_memory_undoes_only_what_entering_did(tuned, counters, monkeypatch):
+    admin = {"net.ipv4.tcp_no_ssthresh_metrics_save": (1,)}  # the administrator's choice
+    tuner, changes, kernel = tuned(dict(SYN, **admin))
+    exhaust_memory(tuner)
+    entered = {n: kernel.value(n, GLOBAL) for n in (*SYN, *admin)}
+    assert entered["net.ipv4.tcp_no_metrics_save"] == (1,)
+    assert entered["net.core.high_order_alloc_disable"] == (1,)
+    assert entered[BACKLOG] == (768,)
     monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 0)
-    for now in range(10):
+    for now in range(tcp_buffer.CALM_TICKS - 1):
         tuner.tick(float(now))
-    assert values["net.ipv4.tcp_no_metrics_save"] == (0,)
-    assert values["net.core.high_order_alloc_disable"] == (0,)
-    assert values["net.ipv4.tcp_no_ssthresh_metrics_save"] == (1,)
-    assert values["net.ipv4.tcp_max_syn_backlog"] == (1024,)
-    assert T.LEAVE_LOW_MEMORY in {c[1] for c in changes.calls}
+    assert {n: kernel.value(n, GLOBAL) for n in entered} == entered  # not calm long enough
+    tuner.tick(float(tcp_buffer.CALM_TICKS))
+    assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (0,)
+    assert kernel.value("net.core.high_order_alloc_disable", GLOBAL) == (0,)
+    assert kernel.value("net.ipv4.tcp_no_ssthresh_metrics_save", GLOBAL) == (1,)
+    assert kernel.value(BACKLOG, GLOBAL) == (1024,)
+    assert counted(changes, T.LEAVE_LOW_MEMORY) == 3

@@ -1,21 +1,23 @@
-"""Pure logic: learning-rate steps, correlation, ceilings, BTF resolution, parsing."""
+"""Pure logic: learning-rate steps, correlation, ceilings (through the change path, on
+in-memory sysctls), BTF resolution, parsing."""
 
 from __future__ import annotations
 
 import ctypes as ct
+from types import SimpleNamespace
 
 import pytest
+from test_tcp_buffer_logic import Kernel, fake_ram
 
 from bpftune.btf import Btf, BtfError, Field
-from bpftune.changes import limit_growth, ordered
+from bpftune.changes import Changes, StateFile, limit_growth, ordered
 from bpftune.correlation import MIN_SAMPLES, Correlation
 from bpftune.events import Event
 from bpftune.learning import LearningRate, LearningRateError
-from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.plugins import normalize_name
 from bpftune.procnet import _pairs
-from bpftune.sysctl import INT_MAX, name_of
-from bpftune.tuners.tcp_buffer import _socket_buffer_ceiling, _tcp_mem_ceiling
+from bpftune.sysctl import name_of
+from bpftune.tuners.tcp_buffer import TcpBufferTuner as T
 
 
 @pytest.mark.parametrize(("rate", "shift", "grown"), [
@@ -87,11 +89,53 @@ def test_three_value_tunables_stay_ordered():
     assert not ordered((4096, 131072, 65536))
 
 
-def test_ceilings_respect_int_max_and_ram():
-    assert _socket_buffer_ceiling()[2] == min(INT_MAX, total_ram_bytes() // 32)
-    assert all(v <= INT_MAX for v in _socket_buffer_ceiling())
-    ram = total_ram_pages()
-    assert _tcp_mem_ceiling() == (ram // 16, ram // 8, ram // 4)
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+@pytest.fixture
+def ram(monkeypatch, tmp_path):
+    """``ram(bytes, {tunable: value})`` -> apply(tunable, proposal) through the real change
+    path (Changes.apply, with its ledger in tmp_path) on that much (fake) RAM, over
+    in-memory sysctls in the global netns; apply returns the value live afterwards."""
+    def setup(ram_bytes: int, values: dict[str, tuple[int, ...]]):
+        fake_ram(monkeypatch, ram_bytes, page_size=4 * KiB)
+        kernel = Kernel({0: dict(values)}).installed(monkeypatch)
+        changes = Changes(kernel, StateFile(str(tmp_path)))  # type: ignore[arg-type]
+        tuner = SimpleNamespace(name=T.name, scenarios=T.scenarios)
+        by_name = {t.name: t for t in T.tunables}
+
+        def apply(name: str, proposal: tuple[int, ...]) -> tuple[int, ...]:
+            changes.apply(tuner, by_name[name], T.NEED_INCREASE, 0, proposal,
+                          "{old} -> {new}")
+            return kernel.value(name, 0)
+        return apply
+    return setup
+
+
+@pytest.mark.parametrize("name", ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"])
+def test_one_socket_buffer_never_grows_past_1_32nd_of_ram(ram, name):
+    apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 16 * MiB)})
+    assert apply(name, (4 * KiB, 128 * KiB, TiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
+    assert apply(name, (4 * KiB, 128 * KiB, 40 * MiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
+    # An administrator's larger value is neither grown nor cut; a decrease is not capped.
+    apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 64 * MiB)})
+    assert apply(name, (4 * KiB, 128 * KiB, 80 * MiB)) == (4 * KiB, 128 * KiB, 64 * MiB)
+    assert apply(name, (4 * KiB, 128 * KiB, 48 * MiB)) == (4 * KiB, 128 * KiB, 48 * MiB)
+    # Just under the ceiling, a small step still reaches it exactly.
+    apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 32 * MiB - 1)})
+    assert apply(name, (4 * KiB, 128 * KiB, 32 * MiB + 1)) == (4 * KiB, 128 * KiB, 32 * MiB)
+
+
+def test_tcp_mem_never_grows_past_its_share_of_ram(ram):
+    # 1 GiB is 262144 pages of 4 KiB: min <= 1/16, pressure <= 1/8, max <= 1/4 of that.
+    apply = ram(1 * GiB, {"net.ipv4.tcp_mem": (1000, 2000, 3000)})
+    assert apply("net.ipv4.tcp_mem", (10**9, 2 * 10**9, 3 * 10**9)) == (16384, 32768, 65536)
+
+
+def test_nothing_grows_past_int_max_even_with_1_tib_of_ram(ram):
+    # 1 TiB / 32 is 32 GiB, but the kernel keeps buffer sizes in ints.
+    apply = ram(1 * TiB, {"net.ipv4.tcp_rmem": (4096, 131072, 6 * MiB)})
+    assert apply("net.ipv4.tcp_rmem", (TiB, TiB, TiB)) == (2**31 - 1,) * 3
 
 
 def test_plugin_names_accept_upstream_file_names():
