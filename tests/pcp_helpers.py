@@ -74,7 +74,8 @@ class FakeDaemon:
                 conn.recv(256)
                 self.requests += 1
                 if self.state is not None:
-                    conn.sendall(json.dumps(self.state).encode() + b"\0")
+                    with contextlib.suppress(OSError):  # the PMDA may have been stopped
+                        conn.sendall(json.dumps(self.state).encode() + b"\0")
 
     def close(self) -> None:
         self.sock.close()
