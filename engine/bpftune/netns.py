@@ -115,9 +115,6 @@ class Namespaces:
         self._rtnl.close()
         os.close(self._own_fd)
 
-    def __len__(self) -> int:
-        return len(self._by_cookie)
-
     def tables(self) -> dict[str, int]:
         """Sizes of the per-namespace tables, to check they shrink as namespaces go."""
         return {"namespaces": len(self._by_cookie), "inodes": len(self._cookie_by_inode),
@@ -184,12 +181,12 @@ class Namespaces:
                                    if now - t < RESCAN_SECONDS}
             return self._scan(_candidate_paths())
 
-    def rescan_if_wanted(self) -> list[NetnsRef]:
+    def rescan_if_wanted(self) -> None:
         """The full scan that namespaces reported without a path asked for, at most one a
-        second however many asked (a flood of short-lived namespaces costs one walk)."""
-        if not self.rescan_wanted or not self._full_scan_allowed():
-            return []
-        return self.scan()
+        second however many asked (a flood of short-lived namespaces costs one walk); what
+        it finds is in ``take_new``."""
+        if self.rescan_wanted and self._full_scan_allowed():
+            self.scan()
 
     def _full_scan_allowed(self) -> bool:
         return time.monotonic() - self.last_full_scan >= FULL_SCAN_SECONDS
