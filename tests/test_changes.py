@@ -4,12 +4,13 @@ the ledger and its state file, administrator hand-over, rollback."""
 from __future__ import annotations
 
 import io
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from bpftune import sysctl
-from bpftune.changes import Changes, Record, StateFile
+from bpftune.changes import Changes, Record, StateFile, boot_id
 from bpftune.log import log
 from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
@@ -126,3 +127,38 @@ def test_the_journal_stays_bounded(ns_changes):
     lines = (tmp / "state.jsonl").read_text().count("\n")
     assert lines <= StateFile.COMPACT_LINES + 4
     assert recorded(tmp)[0]["current"] == [4096, 131072, 131072 + 2 * StateFile.COMPACT_LINES]
+
+
+def test_originals_left_in_the_state_file_of_an_older_version_are_adopted(ns_changes,
+                                                                         sysctls):
+    changes, _, cookie, ns, tmp = ns_changes
+    sysctls.set(RMEM.name, "4096 131072 163840", ns)  # what the older version set
+    old = {"pid": 1, "boot_id": boot_id(), "records": [
+        {"tuner": "tcp_buffer", "tunable": RMEM.name, "cookie": cookie,
+         "original": [4096, 131072, 131072], "current": [4096, 131072, 163840],
+         "changes": 1, "last_change": 0.0}]}
+    (tmp / "state.json").write_text(json.dumps(old))
+    changes.adopt_leftovers()
+    assert not (tmp / "state.json").exists() and len(recorded(tmp)) == 1
+    changes.rollback()
+    assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
+
+
+def test_a_write_whose_read_back_failed_is_still_bpftunes(ns_changes, monkeypatch):
+    changes, tuner, cookie, ns, _ = ns_changes
+    real_read, reads = sysctl.read, []
+
+    def failing_second_read(name, *, string=False):
+        reads.append(name)
+        if len(reads) == 2:  # the read-back of the first change
+            raise sysctl.SysctlError(5, "read-back failed")
+        return real_read(name, string=string)
+
+    monkeypatch.setattr(sysctl, "read", failing_second_read)
+    assert not changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
+    assert read_sysctl(RMEM.name, ns) == "4096 131072 163840"  # it was written
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 196608), "{old} {new}")
+    (record,) = changes.records.values()
+    assert record.original == [4096, 131072, 131072]  # not bpftune's first value
+    changes.rollback()
+    assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"

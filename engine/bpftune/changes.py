@@ -129,6 +129,7 @@ class StateFile:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "state.jsonl")
+        self.legacy_path = os.path.join(directory, "state.json")
         os.makedirs(directory, mode=0o755, exist_ok=True)
         self.lines = 0
 
@@ -137,7 +138,7 @@ class StateFile:
             with open(self.path) as f:
                 text = f.read()
         except FileNotFoundError:
-            return Leftovers(None, None, [])
+            return self._load_legacy()
         except OSError as e:
             log.err(f"ignoring unreadable state file '{self.path}': {e}")
             return Leftovers(None, None, [])
@@ -157,6 +158,20 @@ class StateFile:
                 log.err(f"ignoring unreadable line {n + 1} of '{self.path}'")
         return Leftovers(header.get("pid"), header.get("boot_id"), list(records.values()))
 
+    def _load_legacy(self) -> Leftovers:
+        """The single JSON document versions before the journal wrote (``state.json``),
+        so that an upgrade keeps the originals a crashed older daemon left."""
+        try:
+            with open(self.legacy_path) as f:
+                state = json.load(f)
+            records = [Record(**raw) for raw in state["records"]]
+        except FileNotFoundError:
+            return Leftovers(None, None, [])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.err(f"ignoring unreadable state file '{self.legacy_path}': {e}")
+            return Leftovers(None, None, [])
+        return Leftovers(state.get("pid"), state.get("boot_id"), records)
+
     def rewrite(self, records: Iterable[Record]) -> None:
         lines = [json.dumps({"pid": os.getpid(), "boot_id": boot_id()})]
         lines += [json.dumps({"record": asdict(r)}) for r in records]
@@ -167,6 +182,8 @@ class StateFile:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self.lines = len(lines)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.legacy_path)  # its records are in the journal now
 
     def append(self, entry: dict, live: dict[tuple[str, int], Record]) -> None:
         """Add ``entry``; ``live`` is the whole ledger with the entry applied, which is
@@ -174,10 +191,14 @@ class StateFile:
         if not self.lines or self.lines > self.COMPACT_LINES + 2 * len(live):
             self.rewrite(live.values())
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self.lines = 0  # a torn line may be left: the next entry rewrites the journal
+            raise
         self.lines += 1
 
 
@@ -258,10 +279,15 @@ class Changes:
         crash_point("intent")
         try:
             sysctl.write(tunable.name, new)
-            readback = sysctl.read(tunable.name, string=tunable.string)
         except SysctlError as e:
             log.err(f"{tuner.name}: {e}")
             readback = old
+        else:
+            try:
+                readback = sysctl.read(tunable.name, string=tunable.string)
+            except SysctlError as e:  # written or not: the announcement stays, see _announce
+                log.err(f"{tuner.name}: {e}")
+                return False
         crash_point("written")
         if readback != new:
             # The kernel adjusted the value, or someone wrote it at the same moment: record
@@ -298,6 +324,8 @@ class Changes:
         if record is None:
             value = _as_record_value(old)
             record = Record(tuner.name, tunable.name, where, value, value)
+        elif record.intended is not None and _as_value(record.intended) == old:
+            record.current = record.intended  # an earlier write landed; its read-back failed
         elif _as_value(record.current) != old:
             # An administrator wrote this tunable while the tuner stayed active (its write
             # was not seen, or it happened before start-up): what is live now is the value
@@ -350,7 +378,7 @@ class Changes:
         find: nothing can be tuned there, and keeping them would let a user who makes
         namespaces as fast as possible grow the table without end."""
         self.manual = {m: t for m, t in self.manual.items()
-                       if m[1] == GLOBAL or self.namespaces.has(m[1]) or t >= scanned_at}
+                       if m[1] == GLOBAL or self.namespaces.tracked(m[1]) or t >= scanned_at}
 
     # Summary and rollback.
     def summary(self, tuner: Tuner) -> list[str]:
@@ -409,6 +437,8 @@ class Changes:
         string = isinstance(r.original, str)
         live = sysctl.read(r.tunable, string=string)
         original, current = _as_value(r.original), _as_value(r.current)
+        if r.intended is not None and live == _as_value(r.intended):
+            current = live  # written, though its read-back failed
         if live == original:
             return
         if live != current:

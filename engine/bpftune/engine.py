@@ -90,14 +90,15 @@ class Engine:
             tuner.started()
         self.programs.loading_done()
         caps.drop()  # keep only what running needs (caps.KEPT); before any thread starts
-        self.namespaces.scan()
-        for ref in self.namespaces.take_new():
-            log.debug(f"found netns {ref.path} (cookie {ref.cookie})")
-        try:
+        try:  # watching first, so that nothing created or destroyed meanwhile is missed
             self.netns_watch = NetnsWatch(self.namespaces, self.announce_new_namespaces,
                                           self.netns_destroyed)
         except OSError as e:
             raise StartError(f"cannot watch network namespaces: {e}") from None
+        with self.lock:
+            self.namespaces.scan()
+            for ref in self.namespaces.take_new():
+                log.debug(f"found netns {ref.path} (cookie {ref.cookie})")
         try:
             self.query_server = QueryServer(self, self.options.port)
         except OSError as e:
@@ -209,6 +210,7 @@ class Engine:
                 tuner.tick(now)
             except Exception as e:
                 log.err(f"{tuner.name}: error in periodic check: {e!r}")
+        self.namespaces.rescan_if_wanted()
         self.changes.forget_unknown_hand_overs(self.namespaces.last_full_scan)
         self.announce_new_namespaces()
 

@@ -109,6 +109,9 @@ class Namespaces:
         self._cookies_by_nsid: dict[int, set[int]] = {}
         self._rtnl = IPRoute()
         self._new: list[NetnsRef] = []
+        # Cookies registered and not destroyed: a namespace whose path went stale (the
+        # process it was found through exited) and is found again is not new.
+        self._tracked: set[int] = set()
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -117,9 +120,10 @@ class Namespaces:
 
     def tables(self) -> dict[str, int]:
         """Sizes of the per-namespace tables, to check they shrink as namespaces go."""
-        return {"namespaces": len(self._by_cookie), "inodes": len(self._cookie_by_inode),
-                "missing": len(self._missing_since),
-                "nsids": sum(len(c) for c in self._cookies_by_nsid.values())}
+        with self._lock:
+            return {"namespaces": len(self._tracked), "inodes": len(self._cookie_by_inode),
+                    "missing": len(self._missing_since),
+                    "nsids": sum(len(c) for c in self._cookies_by_nsid.values())}
 
     def is_global(self, cookie: int) -> bool:
         return cookie in (0, self.global_cookie)
@@ -229,8 +233,16 @@ class Namespaces:
             new, self._new = self._new, []
             return new
 
+    def tracked(self, cookie: int) -> bool:
+        """Whether the namespace was found and has not been destroyed since (its path may
+        be stale for a moment)."""
+        return self.is_global(cookie) or cookie in self._tracked
+
     def _register(self, ref: NetnsRef) -> None:
         self._by_cookie[ref.cookie] = ref
+        if ref.cookie in self._tracked:
+            return
+        self._tracked.add(ref.cookie)
         self._new.append(ref)
         self._missing_since.pop(ref.cookie, None)
         try:
@@ -253,16 +265,34 @@ class Namespaces:
             gone = []
             for cookie in self._cookies_by_nsid.pop(nsid, set()):
                 ref = self._by_cookie.get(cookie)
-                if ref is not None and self._probe(ref.path) == ref:
+                if ref is not None and self._probe(ref.path, fresh=True) == ref:
                     self._cookies_by_nsid.setdefault(nsid, set()).add(cookie)
                     continue
                 self.forget(cookie)
                 gone.append(cookie)
             return gone
 
+    def recheck(self) -> list[int]:
+        """After RTM_DELNSID messages were lost (a full netlink buffer): forget, and return,
+        the namespaces whose nsid no longer exists."""
+        with self._lock:
+            gone = []
+            for nsid in list(self._cookies_by_nsid):
+                if not self._nsid_exists(nsid):
+                    gone += self.destroyed(nsid)
+            return gone
+
+    def _nsid_exists(self, nsid: int) -> bool:
+        try:
+            found = self._rtnl.get_netnsid(nsid=nsid)
+        except NetlinkError:  # ENOENT: no namespace has it
+            return False
+        return bool(found) and found["nsid"] == nsid
+
     def forget(self, cookie: int) -> None:
         with self._lock:
             self._by_cookie.pop(cookie, None)
+            self._tracked.discard(cookie)
             self._missing_since.pop(cookie, None)
             self._cookie_by_inode = {i: c for i, c in self._cookie_by_inode.items()
                                      if c != cookie}

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import os
-import select
+import selectors
 import struct
 import threading
 import time
@@ -71,17 +72,21 @@ class NetnsWatch:
         self._rtnl.close()
 
     def _run(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._stop_r, self._inotify, self._rtnl], [], [])
-            if self._stop_r in ready:
-                return
-            try:
-                if self._inotify in ready:
-                    self._names_created()
-                if self._rtnl in ready:
-                    self._nsids_deleted()
-            except Exception as e:  # the watch must outlive any one bad event
-                log.err(f"error watching network namespaces: {e!r}")
+        with selectors.DefaultSelector() as selector:
+            for fd in (self._stop_r, self._inotify, self._rtnl.fileno()):
+                selector.register(fd, selectors.EVENT_READ)
+            while True:
+                try:
+                    ready = {key.fd for key, _ in selector.select()}
+                    if self._stop_r in ready:
+                        return
+                    if self._inotify in ready:
+                        self._names_created()
+                    if self._rtnl.fileno() in ready:
+                        self._nsids_deleted()
+                except Exception as e:  # the watch must outlive any one bad event
+                    log.err(f"error watching network namespaces: {e!r}")
+                    time.sleep(0.1)
 
     def _names_created(self) -> None:
         data = b""
@@ -109,7 +114,16 @@ class NetnsWatch:
             delay = min(delay * 2, 0.05)
 
     def _nsids_deleted(self) -> None:
-        for msg in self._rtnl.get():
+        try:
+            messages = self._rtnl.get()
+        except OSError as e:  # NetlinkError is one
+            if e.errno != errno.ENOBUFS and getattr(e, "code", None) != errno.ENOBUFS:
+                raise
+            # Messages were lost to a full socket buffer: look at every nsid instead.
+            for cookie in self.namespaces.recheck():
+                self.on_destroyed(cookie)
+            return
+        for msg in messages:
             if msg.get("event") != "RTM_DELNSID":
                 continue
             nsid = msg.get_attr("NETNSA_NSID")

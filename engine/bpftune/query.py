@@ -116,10 +116,8 @@ class _Conn:
 class _Loop:
     """The server's one I/O thread, and its workers.
 
-    Like socketserver's servers, it serves in whatever thread calls ``serve_forever()``
-    until ``shutdown()``, keeping its sockets in between: caps.drop restarts the serving
-    thread so that it runs with the dropped capabilities. The workers are started by the
-    serving thread (threads inherit their creator's capabilities) and end with it."""
+    Like socketserver's servers, it serves in the thread that calls ``serve_forever()``
+    until ``shutdown()``. The workers are started by the serving thread and end with it."""
 
     def __init__(self, engine: Engine, listeners: list[socket.socket]) -> None:
         self.engine = engine
@@ -345,7 +343,6 @@ class QueryServer:
             raise
         self.listeners = listeners
         self.loop = _Loop(engine, listeners)
-        self.servers = [self.loop]  # what caps.drop restarts (socketserver's interface)
         threading.Thread(target=self.loop.serve_forever, name="bpftune-query",
                          daemon=True).start()
         log.debug(f"query server listening on {path}" + (f" and 127.0.0.1:{port}" if port else ""))

@@ -44,8 +44,7 @@ class NetnsTuner(Tuner):
         missed = self.bpf["missed"][0].value
         if missed != self.missed:
             self.missed = missed
-            self.engine.namespaces.rescan_wanted = True
-        self.engine.namespaces.rescan_if_wanted()
+            self.engine.namespaces.rescan_wanted = True  # done by the engine's tick
 
     def netns_created(self, cookie: int) -> None:
         self.engine.changes.count(self, self.tunables[0], self.CREATED, cookie)
