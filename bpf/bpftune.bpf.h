@@ -76,6 +76,41 @@ BPF_TABLE("extern", int, u64, bpftune_dropped, 2);
 /* Read a kernel field at a BTF-resolved offset. */
 #define READ_AT(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(base) + (off))
 
+/* Read field X (OFF_X, SHIFT_X, MASK_X from BTF) whether this kernel makes it a bitfield
+ * or a whole field: sock.sk_userlocks is 4 bits before Linux 6.9 and a byte since. */
+#define READ_FIELD(dst, base, X)						\
+	do {									\
+		READ_AT(dst, base, OFF_##X);					\
+		dst = ((u64)(dst) >> SHIFT_##X) & MASK_##X;			\
+	} while (0)
+
+/* Hot hooks look at one call in SAMPLE_EVERY (per CPU, per slot: each hook of a program
+ * has its own slot, so one busy hook does not decide which calls of another are seen). A
+ * connection that fills its buffer keeps doing so, so little is missed. */
+#define SAMPLE_EVERY 16
+#define SAMPLE_SLOTS 4
+BPF_PERCPU_ARRAY(bpftune_samples, u64, SAMPLE_SLOTS);
+
+static __always_inline bool sampled_in(int slot)
+{
+	u64 *calls = bpftune_samples.lookup(&slot);
+
+	return calls && ((*calls)++ & (SAMPLE_EVERY - 1)) == 0;
+}
+
+/* The global values of the program's tunables (not all are struct fields): the engine
+ * writes them at load and after every change, at [id * BPFTUNE_MAX_VALUES + position]. */
+#define MAX_TUNABLES 32
+BPF_ARRAY(tunable_values, s64, MAX_TUNABLES * BPFTUNE_MAX_VALUES);
+
+static __always_inline s64 tunable_value(int tunable, int position)
+{
+	int key = tunable * BPFTUNE_MAX_VALUES + position;
+	s64 *value = tunable_values.lookup(&key);
+
+	return value ? *value : 0;
+}
+
 static __always_inline void *sk_net(void *sk)
 {
 	void *net = NULL;

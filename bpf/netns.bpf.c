@@ -2,11 +2,12 @@
  * CLONE_NEWNET (a child whose netns differs from its parent's). Each namespace is reported
  * once; the engine then tunes it like any other.
  *
- * unshare(CLONE_NEWNET) has no cheap hook: enabling any syscalls:* tracepoint sends every
- * system call of every process through the tracing slow path (measured: 4.5% fewer
- * stress-ng socket ops). Namespaces made that way are found by the engine instead: new
- * names under /run/netns through inotify, and any other namespace the first time one of
- * its sockets reaches a tuner.
+ * Where the kernel allows fexit, copy_net_ns sees every new namespace. Otherwise the fork
+ * tracepoint sees clone(), and unshare(CLONE_NEWNET) has no cheap hook: enabling any
+ * syscalls:* tracepoint sends every system call of every process through the tracing slow
+ * path (measured: 4.5% fewer stress-ng socket ops). Namespaces made that way are found by
+ * the engine instead: new names under /run/netns through inotify, and any other namespace
+ * the first time one of its sockets reaches a tuner.
  */
 #include "bpftune.bpf.h"
 
@@ -51,6 +52,19 @@ static __always_inline void report_netns(void *net, u32 pid)
 	submit_event(&ev);
 }
 
+#ifdef HOOK_FEXIT_copy_net_ns
+/* Every new namespace, made by clone() or unshare(): copy_net_ns returns it (or old_net
+ * when CLONE_NEWNET is not asked for, or an error pointer). */
+KRETFUNC_PROBE(copy_net_ns, unsigned long flags, void *user_ns, void *old_net, void *net)
+{
+	if (net == old_net || (unsigned long)net >= (unsigned long)-4095)
+		return 0;
+	report_netns(net, bpf_get_current_pid_tgid() >> 32);
+	return 0;
+}
+#endif
+
+#ifdef HOOK_RAW_TP_sched_process_fork
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	void *parent = (void *)ctx->args[0], *child = (void *)ctx->args[1];
@@ -63,3 +77,4 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	report_netns(child_net, child_pid);
 	return 0;
 }
+#endif

@@ -3,35 +3,21 @@
  * approaches tcp_max_syn_backlog. Decisions are made here; events are sent only when a
  * limit is nearly reached, at most one per (netns, tunable) per 25 ms.
  *
- * Hooks are tracepoints only (no fentry/kprobes on our kernels); kernel struct fields are
- * read at BTF-resolved OFF_* offsets.
+ * Each watch has several hooks (TcpBufferTuner.watches); the engine compiles this file with
+ * HOOK_<KIND>_<target> defined for the one chosen on this kernel. TUNABLE_* and SCENARIO_*
+ * ids come from the Python declarations. Kernel struct fields are read at BTF-resolved
+ * offsets.
  */
 #include "bpftune.bpf.h"
 
-/* Tunable ids: positions in TcpBufferTuner.tunables. */
-enum { TCP_WMEM, TCP_RMEM, TCP_MEM, TCP_MAX_SYN_BACKLOG = 8 };
-/* Scenario ids: positions in TcpBufferTuner.scenarios. */
-enum { NEED_INCREASE = 0, MEM_PRESSURE = 3, MEM_EXHAUSTION = 4, SYN_BACKLOG_INCREASE = 8 };
 enum { MEM_NORMAL, MEM_NEAR_PRESSURE, MEM_NEAR_EXHAUSTION };
+enum { SAMPLE_RECEIVE, SAMPLE_SEND };	/* sampled_in() slots */
 
 #define SOCK_SNDBUF_LOCK 1
-/* sendmsg and receive-space adjustments are hot paths: look at one call in SAMPLE_EVERY
- * (per CPU). A connection that fills its buffer keeps doing so, so little is missed. */
-#define SAMPLE_EVERY 16
 #define SOCK_RCVBUF_LOCK 2
 #define TCP_INT_MAX 2147483647
 #define SOCK_STREAM_TYPE 1
 #define PROTO_TCP 6	/* IPPROTO_TCP; BCC tracepoint programs do not see the uapi enum */
-
-BPF_PERCPU_ARRAY(hot_path_calls, u64, 1);
-
-static __always_inline bool sampled(void)
-{
-	int zero = 0;
-	u64 *calls = hot_path_calls.lookup(&zero);
-
-	return calls && ((*calls)++ & (SAMPLE_EVERY - 1)) == 0;
-}
 
 /* Compare TCP memory in use with tcp_mem (global, so reported for the global netns);
  * propose growing it when nearly at a limit. Userspace applies the RAM-based ceilings. */
@@ -43,14 +29,14 @@ static __always_inline u32 check_memory(s64 allocated, s64 *mem)
 		new[0] = mem[0];
 		new[1] = mem[1];
 		new[2] = GROW(mem[2]);
-		send_sysctl_event(0, MEM_EXHAUSTION, TCP_MEM, mem, new, 3, allocated);
+		send_sysctl_event(0, SCENARIO_MEM_EXHAUSTION, TUNABLE_MEM, mem, new, 3, allocated);
 		return MEM_NEAR_EXHAUSTION;
 	}
 	if (NEARLY_FULL(allocated, mem[1])) {
 		new[0] = GROW(mem[0]);
 		new[1] = GROW(mem[1]);
 		new[2] = GROW(mem[2]);
-		send_sysctl_event(0, MEM_PRESSURE, TCP_MEM, mem, new, 3, allocated);
+		send_sysctl_event(0, SCENARIO_MEM_PRESSURE, TUNABLE_MEM, mem, new, 3, allocated);
 		return MEM_NEAR_PRESSURE;
 	}
 	return MEM_NORMAL;
@@ -87,54 +73,96 @@ static __always_inline void check_buffer(void *sk, int buf, u32 tunable, u32 net
 	old[1] = new[1] = limits[1];
 	old[2] = limits[2];
 	new[2] = GROW((s64)limits[2]);
-	send_sysctl_event(net_cookie(net), NEED_INCREASE, tunable, old, new, 3, srtt_us >> 3);
+	send_sysctl_event(net_cookie(net), SCENARIO_NEED_INCREASE, tunable, old, new, 3,
+			  srtt_us >> 3);
 }
 
-/* Called as the receiver consumes data: the receive buffer is being auto-tuned.
- * The two hot hooks are raw tracepoints: no trace record is built for them, which halves
- * their cost on every recvmsg/sendmsg (measured with stress-ng --sock). */
-RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)
+/* A TCP socket's buffer may grow, unless the application set its size (SO_RCVBUF,
+ * SO_SNDBUF lock it). */
+static __always_inline void check_growth(void *sk, u8 lock, int buf_offset, u32 tunable,
+					 u32 net_offset)
 {
-	void *sk = (void *)ctx->args[0];
 	u8 userlocks = 0;
-	int rcvbuf = 0;
+	int buf = 0;
 
-	if (!sampled() || check_socket_memory(sk) != MEM_NORMAL)
-		return 0;
-	READ_AT(userlocks, sk, OFF_SK_USERLOCKS);
-	if (userlocks & SOCK_RCVBUF_LOCK)	/* application chose SO_RCVBUF itself */
-		return 0;
-	READ_AT(rcvbuf, sk, OFF_SK_RCVBUF);
-	check_buffer(sk, rcvbuf, TCP_RMEM, OFF_NET_TCP_RMEM);
+	if (check_socket_memory(sk) != MEM_NORMAL)
+		return;
+	READ_FIELD(userlocks, sk, SK_USERLOCKS);
+	if (userlocks & lock)
+		return;
+	bpf_probe_read_kernel(&buf, sizeof(buf), sk + buf_offset);
+	check_buffer(sk, buf, tunable, net_offset);
+}
+
+static __always_inline void receive_buffer_growth(void *sk)
+{
+	check_growth(sk, SOCK_RCVBUF_LOCK, OFF_SK_RCVBUF, TUNABLE_RMEM, OFF_NET_TCP_RMEM);
+}
+
+static __always_inline void send_buffer_growth(void *sk)
+{
+	check_growth(sk, SOCK_SNDBUF_LOCK, OFF_SK_SNDBUF, TUNABLE_WMEM, OFF_NET_TCP_WMEM);
+}
+
+/* Receive buffer growth: the receiver read more than the buffer space it planned. */
+#ifdef HOOK_RAW_TP_tcp_rcvbuf_grow
+RAW_TRACEPOINT_PROBE(tcp_rcvbuf_grow)	/* (sk, time): only when it wants to grow */
+{
+	receive_buffer_growth((void *)ctx->args[0]);
 	return 0;
 }
+#endif
+#ifdef HOOK_FENTRY_tcp_rcv_space_adjust
+KFUNC_PROBE(tcp_rcv_space_adjust, void *sk)	/* every read: sampled */
+{
+	if (sampled_in(SAMPLE_RECEIVE))
+		receive_buffer_growth(sk);
+	return 0;
+}
+#endif
+#ifdef HOOK_RAW_TP_tcp_rcv_space_adjust
+RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)	/* (sk), every read: sampled */
+{
+	if (sampled_in(SAMPLE_RECEIVE))
+		receive_buffer_growth((void *)ctx->args[0]);
+	return 0;
+}
+#endif
 
-/* Called for every sendmsg(sk, ret, flags); only TCP sockets that sent data matter. */
-RAW_TRACEPOINT_PROBE(sock_send_length)
+/* Send buffer growth. */
+#ifdef HOOK_FENTRY_tcp_sndbuf_expand
+KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf */
+{
+	send_buffer_growth(sk);
+	return 0;
+}
+#endif
+#ifdef HOOK_RAW_TP_sock_send_length
+RAW_TRACEPOINT_PROBE(sock_send_length)	/* (sk, ret, flags), every sendmsg: sampled */
 {
 	void *sk = (void *)ctx->args[0];
-	int sent = (int)ctx->args[1];
 	u16 protocol = 0, type = 0;
-	u8 userlocks = 0;
-	int sndbuf = 0;
 
-	if (sent <= 0 || !sampled())
+	if ((int)ctx->args[1] <= 0 || !sampled_in(SAMPLE_SEND))
 		return 0;
 	READ_AT(protocol, sk, OFF_SK_PROTOCOL);
 	READ_AT(type, sk, OFF_SK_TYPE);
-	if (protocol != PROTO_TCP || type != SOCK_STREAM_TYPE)	/* not raw IPPROTO_TCP sockets */
-		return 0;
-	if (check_socket_memory(sk) != MEM_NORMAL)
-		return 0;
-	READ_AT(userlocks, sk, OFF_SK_USERLOCKS);
-	if (userlocks & SOCK_SNDBUF_LOCK)
-		return 0;
-	READ_AT(sndbuf, sk, OFF_SK_SNDBUF);
-	check_buffer(sk, sndbuf, TCP_WMEM, OFF_NET_TCP_WMEM);
+	if (protocol == PROTO_TCP && type == SOCK_STREAM_TYPE)	/* not raw IPPROTO_TCP */
+		send_buffer_growth(sk);
 	return 0;
 }
+#endif
+#ifdef HOOK_RAW_TP_tcp_probe
+RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb), every segment received: sampled */
+{
+	if (sampled_in(SAMPLE_SEND))
+		send_buffer_growth((void *)ctx->args[0]);
+	return 0;
+}
+#endif
 
 /* The kernel refused socket memory: TCP is at pressure or at the tcp_mem hard limit. */
+#ifdef HOOK_TP_sock_exceed_buf_limit
 TRACEPOINT_PROBE(sock, sock_exceed_buf_limit)
 {
 	s64 mem[3];
@@ -147,10 +175,12 @@ TRACEPOINT_PROBE(sock, sock_exceed_buf_limit)
 	check_memory(args->allocated, mem);
 	return 0;
 }
+#endif
 
 /* A listener retransmits a SYN-ACK: half-open connections are piling up. If the SYN queue
  * is nearly at tcp_max_syn_backlog (and not limited by the listen backlog instead), the
  * backlog is what drops new connections. */
+#ifdef HOOK_TP_tcp_retransmit_synack
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
 	void *sk = (void *)args->skaddr;
@@ -166,7 +196,8 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 		return 0;
 	old = max_syn_backlog;
 	new = GROW(old);
-	send_sysctl_event(net_cookie(net), SYN_BACKLOG_INCREASE, TCP_MAX_SYN_BACKLOG,
-			  &old, &new, 1, qlen);
+	send_sysctl_event(net_cookie(net), SCENARIO_SYN_BACKLOG_INCREASE,
+			  TUNABLE_MAX_SYN_BACKLOG, &old, &new, 1, qlen);
 	return 0;
 }
+#endif

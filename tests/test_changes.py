@@ -16,7 +16,7 @@ from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
 from helpers import netns_cookie, read_sysctl, recorded, values
 
-RMEM = TcpBufferTuner.tunables[TcpBufferTuner.RMEM]
+RMEM = TcpBufferTuner.RMEM
 
 
 @pytest.fixture

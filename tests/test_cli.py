@@ -26,12 +26,17 @@ def assert_one_line_error(r, text: str) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_support_reports_full_support_and_netns_cookies():
+def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
     r = bpftune("-S")
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
         "bpftune: bpftune works fully",
         "bpftune: bpftune supports per-netns policy (via netns cookie)",
+        # fentry is refused here: each tuner says which hooks it takes instead.
+        "bpftune: netns: raw_tp/sched_process_fork",
+        "bpftune: sysctl: cgroup/sysctl",
+        "bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, raw_tp/sock_send_length, "
+        "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack",
     ]
 
 

@@ -21,6 +21,7 @@ from bpftune.correlation import Correlations
 from bpftune.events import Event
 from bpftune.learning import LearningRate
 from bpftune.sysctl import SysctlError
+from bpftune.tuner import Scenario, Tunable
 from bpftune.tuners import tcp_buffer
 from bpftune.tuners.tcp_buffer import TcpBufferTuner as T
 from helpers import recorded
@@ -110,10 +111,10 @@ def ledger(changes: Changes) -> dict[tuple[str, int], dict]:
             for r in recorded(os.path.dirname(changes.state.path))}
 
 
-def counted(changes: Changes, scenario: int) -> int:
+def counted(changes: Changes, scenario: Scenario) -> int:
     """Changes made for ``scenario`` (as the change path counts them)."""
     return sum(n for (tuner, _, s, _), n in changes.scenario_counts.items()
-               if tuner == T.name and s == scenario)
+               if tuner == T.name and s == T.scenarios.index(scenario))
 
 
 def make_tuner(kernel: Kernel, tmp_path) -> tuple[T, Changes]:
@@ -139,21 +140,23 @@ def tuned(monkeypatch, tmp_path):
     return make
 
 
-def event(tunable_id: int, scenario: int, old, new, metric: int = 0,
+def event(tunable: Tunable, scenario: Scenario, old, new, metric: int = 0,
           cookie: int = COOKIE) -> Event:
-    e = Event(tuner_id=0, scenario_id=scenario, netns_cookie=cookie, tunable_id=tunable_id)
+    """The event the BPF side sends (ids as the compile's TUNABLE_* and SCENARIO_*)."""
+    e = Event(tuner_id=0, scenario_id=T.scenarios.index(scenario), netns_cookie=cookie,
+              tunable_id=T.tunables.index(tunable))
     e.old[:len(old)] = old
     e.new[:len(new)] = new
     e.metric[0] = metric
     return e
 
 
-def grow(tuner: T, kernel: Kernel, tunable_id: int = T.RMEM, rtt: int = 0,
+def grow(tuner: T, kernel: Kernel, tunable: Tunable = T.RMEM, rtt: int = 0,
          cookie: int = COOKIE) -> None:
     """What the BPF side sends when a socket's buffer is nearly at the max: max + 25 %."""
-    old = kernel.value(T.tunables[tunable_id].name, cookie)
+    old = kernel.value(tunable.name, cookie)
     new = (old[0], old[1], tuner.engine.learning_rate.grow(old[2]))
-    tuner.handle(event(tunable_id, T.NEED_INCREASE, old, new, metric=rtt, cookie=cookie))
+    tuner.handle(event(tunable, T.NEED_INCREASE, old, new, metric=rtt, cookie=cookie))
 
 
 def test_growth_correlated_with_latency_is_reversed_and_held(tuned, monkeypatch):
@@ -188,16 +191,16 @@ def test_uncorrelated_latency_keeps_growing(tuned):
     assert counted(changes, T.MATCH_RCVBUF) == 0  # already on: nothing to change
 
 
-@pytest.mark.parametrize("tunable_id", [T.RMEM, T.WMEM])
-def test_growth_stops_at_one_32nd_of_ram(tuned, tunable_id):
+@pytest.mark.parametrize("tunable", [T.RMEM, T.WMEM], ids=["rmem", "wmem"])
+def test_growth_stops_at_one_32nd_of_ram(tuned, tunable):
     """On 1 GiB of RAM no socket buffer max may pass 32 MiB, however full buffers are."""
-    name = T.tunables[tunable_id].name
+    name = tunable.name
     tuner, changes, kernel = tuned({name: (4096, 131072, 30 * MiB), MODERATE: (0,)})
-    grow(tuner, kernel, tunable_id)  # proposes 37.5 MiB
+    grow(tuner, kernel, tunable)  # proposes 37.5 MiB
     assert kernel.value(name) == (4096, 131072, 32 * MiB)
     assert counted(changes, T.NEED_INCREASE) == 1
     writes = len(kernel.writes)
-    grow(tuner, kernel, tunable_id)  # proposes 40 MiB: nothing left to grow
+    grow(tuner, kernel, tunable)  # proposes 40 MiB: nothing left to grow
     assert kernel.value(name) == (4096, 131072, 32 * MiB)
     assert len(kernel.writes) == writes and counted(changes, T.NEED_INCREASE) == 1
 
@@ -258,7 +261,7 @@ SYN = {BACKLOG: (1024,), SYNCOOKIES: (0,),
 def syn_flood(tuner: T, kernel: Kernel) -> None:
     """What the BPF side sends when the SYN queue is nearly at the backlog: backlog + 25 %."""
     (old,) = kernel.value(BACKLOG)
-    tuner.handle(event(T.MAX_SYN_BACKLOG_ID, T.SYN_BACKLOG_INCREASE, (old,),
+    tuner.handle(event(T.MAX_SYN_BACKLOG, T.SYN_BACKLOG_INCREASE, (old,),
                        (old + old // 4,)))
 
 

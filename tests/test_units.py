@@ -9,14 +9,16 @@ from types import SimpleNamespace
 import pytest
 from test_tcp_buffer_logic import Kernel, fake_ram
 
-from bpftune.btf import Btf, BtfError, Field
+from bpftune.btf import Btf, BtfError, Field, Location, offset_defines
 from bpftune.changes import Changes, StateFile, limit_growth, ordered
 from bpftune.correlation import MIN_SAMPLES, Correlation
 from bpftune.events import Event
+from bpftune.hooks import PlanError, Watch, fentry, make_plan, raw_tp, tp
 from bpftune.learning import LearningRate, LearningRateError
 from bpftune.plugins import normalize_name
 from bpftune.procnet import _pairs
 from bpftune.sysctl import name_of
+from bpftune.tuner import Scenario, Tunable, Tuner
 from bpftune.tuners.tcp_buffer import TcpBufferTuner as T
 
 
@@ -105,7 +107,7 @@ def ram(monkeypatch, tmp_path):
         by_name = {t.name: t for t in T.tunables}
 
         def apply(name: str, proposal: tuple[int, ...]) -> tuple[int, ...]:
-            changes.apply(tuner, by_name[name], T.NEED_INCREASE, 0, proposal,
+            changes.apply(tuner, by_name[name], T.scenarios.index(T.NEED_INCREASE), 0, proposal,
                           "{old} -> {new}")
             return kernel.value(name, 0)
         return apply
@@ -168,22 +170,37 @@ SYNTHETIC_BTF = [
         {"name": "x", "type_id": 1, "bits_offset": 0},
         {"name": "(anon)", "type_id": 4, "bits_offset": 64},
         {"name": "in", "type_id": 3, "bits_offset": 128},
-        {"name": "flags", "type_id": 1, "bits_offset": 192, "bitfield_size": 3}]},
+        {"name": "flags", "type_id": 1, "bits_offset": 196, "bitfield_size": 3},
+        {"name": "wide", "type_id": 1, "bits_offset": 204, "bitfield_size": 6}]},
     {"id": 6, "kind": "STRUCT", "name": "outer", "size": 0, "members": []},  # forward decl
 ]
 
 
 def test_btf_offsets_through_nesting_anonymous_members_and_typedefs():
     btf = Btf(SYNTHETIC_BTF)
-    assert btf.locate("outer.in.b") == (20, 4)
-    assert btf.locate("outer.hidden") == (8, 4)
+    assert btf.locate("outer.in.b") == Location(20, 4)
+    assert btf.locate("outer.hidden") == Location(8, 4)
     assert btf.offset(Field("outer.in.a", 4)) == 16
+
+
+def test_btf_bitfields_give_the_byte_shift_and_mask_to_read_them():
+    # outer.flags: 3 bits at bit 196 (= byte 24, bit 4), as sk_userlocks is on Linux 6.1.
+    btf = Btf(SYNTHETIC_BTF)
+    where = btf.field(Field("outer.flags", 1))
+    assert (where.offset, where.size, where.shift, where.mask) == (24, 1, 4, 0b111)
+    assert offset_defines(btf, {"OFF_FLAGS": Field("outer.flags", 1),
+                                "OFF_X": Field("outer.x", 4)}) == [
+        "-DOFF_FLAGS=24", "-DSHIFT_FLAGS=4", "-DMASK_FLAGS=0x7ULL",
+        "-DOFF_X=0", "-DSHIFT_X=0", "-DMASK_X=0xffffffffULL"]
+    # Reading a byte at 24 and shifting and masking gives the field's value.
+    storage = 0b1000_0001 | (0b101 << 4)  # neighbours set on both sides
+    assert (storage >> where.shift) & where.mask == 0b101
 
 
 @pytest.mark.parametrize(("field", "message"), [
     (Field("outer.nothere", 4), "kernel has no field outer.nothere"),
     (Field("missing.x", 4), "no struct missing"),
-    (Field("outer.flags", 4), "is a bitfield"),
+    (Field("outer.wide", 1), "a 6-bit field at bit 4 of its byte, more than 1 bytes"),
     (Field("outer.x", 8), "is 4 bytes in this kernel, expected 8"),
 ])
 def test_btf_mismatches_are_errors_not_wrong_offsets(field, message):
@@ -206,3 +223,47 @@ def test_event_layout_matches_the_bpf_header():
             assert getattr(compiled, name).offset == getattr(Event, name).offset, name
     finally:
         b.cleanup()
+
+
+HOOK_BTF = Btf([
+    {"id": 1, "kind": "FUNC", "name": "fast_path", "type_id": 0},
+    {"id": 2, "kind": "TYPEDEF", "name": "btf_trace_common", "type_id": 0},
+    {"id": 3, "kind": "TYPEDEF", "name": "btf_trace_newer", "type_id": 0},
+])
+WATCHES = (Watch("a", (fentry("fast_path"), raw_tp("newer"), raw_tp("common"))),
+           Watch("b", (tp("cat/newest"), tp("cat/common"))),
+           Watch("c", (raw_tp("absent"),), optional=True))
+ALL = {"fentry", "raw_tracepoints", "tracepoints"}
+
+
+@pytest.mark.parametrize(("features", "avoid", "chosen"), [
+    (ALL, (), ["fentry/fast_path", "tp/cat/common"]),
+    (ALL - {"fentry"}, (), ["raw_tp/newer", "tp/cat/common"]),
+    (ALL - {"fentry"}, ("newer",), ["raw_tp/common", "tp/cat/common"]),
+])
+def test_plans_take_the_first_hook_the_kernel_offers(features, avoid, chosen):
+    plan = make_plan(WATCHES, HOOK_BTF, features, avoid)
+    assert [str(h) for h in plan.hooks.values()] == chosen
+    assert plan.unwatched == ["c"]
+    assert plan.cflags()[-1] == "-DHOOK_TP_common"
+    assert plan.describe().endswith("(no hook for c)")
+
+
+def test_a_required_watch_without_a_hook_is_a_plan_error():
+    with pytest.raises(PlanError, match=r"no hook for b \(tried tp/cat/newest, tp/cat/common\)"):
+        make_plan(WATCHES, HOOK_BTF, {"fentry", "raw_tracepoints"})
+
+
+def test_ids_are_declared_once_as_attributes_and_compiled_in():
+    class Declared(Tuner):
+        name = "declared"
+        FIRST = Tunable("net.a")
+        SECOND = Tunable("net.b")
+        GROWN = Scenario("grown", "it grew")
+
+    assert Declared.tunables == (Declared.FIRST, Declared.SECOND)
+    assert Declared.scenarios == (Declared.GROWN,)
+    assert Declared.id_defines() == ["-DTUNABLE_FIRST=0", "-DTUNABLE_SECOND=1",
+                                     "-DSCENARIO_GROWN=0"]
+    with pytest.raises(TypeError, match="not both"):
+        type("Both", (Tuner,), {"name": "both", "tunables": (), "X": Tunable("net.x")})

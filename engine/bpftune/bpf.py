@@ -31,6 +31,9 @@ SHARED_HEADER = "bpftune.bpf.h"
 BPF_F_ALLOW_MULTI = 2
 BPF_PROG_TYPE_CGROUP_SYSCTL = 23  # BCC 0.26 has no name for it
 BPF_CGROUP_SYSCTL = 18  # enum bpf_attach_type
+#: Cgroup program kinds a tuner can declare: (program type, attach type).
+CGROUP_ATTACH = {"sysctl": (BPF_PROG_TYPE_CGROUP_SYSCTL, BPF_CGROUP_SYSCTL),
+                 "sock_ops": (13, 3)}  # BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS
 BPF_PROG_NAME_LEN = 15  # the kernel keeps 15 characters of a program's name
 
 
@@ -63,7 +66,7 @@ def compiler_output_to_log() -> Iterator[None]:
         os.close(devnull)
 
 
-def _bcc():
+def bcc_module():
     try:
         import bcc
     except ImportError as e:
@@ -81,7 +84,7 @@ class Programs:
         self.learning_rate = learning_rate
         self.on_event = on_event
         self.events_received = 0
-        bcc = _bcc()
+        bcc = bcc_module()
         with compiler_output_to_log():
             try:
                 self.core = bcc.BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n',
@@ -115,10 +118,11 @@ class Programs:
         return text.replace(f'#include "{SHARED_HEADER}"', header).encode()
 
     def compile(self, source: Path, tuner_id: int, fields: dict[str, Field], *,
-                text: str | None = None):
-        """Compile a tuner's BPF source; tracepoints attach automatically. ``text`` is the
-        source's content when the caller has read it (a plugin's, after the trust checks);
-        otherwise ``source`` must be a file of bpf_dir()."""
+                text: str | None = None, defines: list[str] | None = None):
+        """Compile a tuner's BPF source; tracepoints and fentry attach automatically.
+        ``text`` is the source's content when the caller has read it (a plugin's, after the
+        trust checks); otherwise ``source`` must be a file of bpf_dir(). ``defines`` are the
+        tuner's ids and its plan's hooks (-D flags)."""
         if self.btf is None:
             raise BpfError("BPF programs can only be loaded at start-up")
         cflags = [
@@ -128,10 +132,11 @@ class Programs:
             f"-DBPFTUNE_PID={os.getpid()}",
             f"-DGLOBAL_NETNS_COOKIE={current_cookie()}ULL",
             *offset_defines(self.btf, COMMON_FIELDS | fields),
+            *(defines or []),
         ]
         with compiler_output_to_log():
             try:
-                return _bcc().BPF(text=self._text(source, text), cflags=cflags)
+                return bcc_module().BPF(text=self._text(source, text), cflags=cflags)
             except BpfError:
                 raise
             except Exception as e:
@@ -185,10 +190,6 @@ def ensure_tracefs(path: str = "/sys/kernel/tracing") -> None:
         _libc_mount("none", path, "tracefs")
 
 
-def tracepoint_exists(name: str) -> bool:
-    return os.path.isdir(f"/sys/kernel/tracing/events/{name}")
-
-
 class Cgroup:
     """A cgroup2 mount whose root covers every process; cgroup programs attach here."""
 
@@ -223,13 +224,14 @@ class Cgroup:
                 if done.returncode == 0:
                     break
 
-    def attach(self, bpf, fn_name: str, prog_type: int, attach_type: int) -> None:
+    def attach(self, bpf, fn_name: str, kind: str) -> None:
+        prog_type, attach_type = CGROUP_ATTACH[kind]
         fn = bpf.load_func(fn_name.encode(), prog_type)
         bpf.attach_func(fn, self.fd, attach_type, BPF_F_ALLOW_MULTI)
 
-    def detach(self, bpf, fn_name: str, attach_type: int) -> None:
+    def detach(self, bpf, fn_name: str, kind: str) -> None:
         with contextlib.suppress(Exception):
-            bpf.detach_func(bpf.funcs[fn_name.encode()], self.fd, attach_type)
+            bpf.detach_func(bpf.funcs[fn_name.encode()], self.fd, CGROUP_ATTACH[kind][1])
 
     def close(self) -> None:
         os.close(self.fd)

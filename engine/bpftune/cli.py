@@ -25,6 +25,7 @@ USAGE = """Usage: bpftune [OPTIONS]
 		--rollback,        -R	on exit, roll back every change bpftune made
 		--stderr,          -s	log to stderr instead of syslog
 		--support,         -S	print which features this system supports and exit
+		--btf FILE	with -S: report for the kernel whose BTF (vmlinux or raw) this is
 		--version,         -V	show version and exit
 """
 
@@ -65,19 +66,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-s", "--stderr", action="store_true")
     p.add_argument("-S", "--support", action="store_true")
     p.add_argument("-V", "--version", action="store_true")
+    p.add_argument("--btf")
     args, extra = p.parse_known_args(argv)
     if extra:
         raise UsageError(f"unrecognized option '{extra[0]}'")
     args.learning_rate = _learning_rate(args.learning_rate)
+    if args.btf is not None and not args.support:
+        raise UsageError("--btf is only valid with -S")
     return args
 
 
 def _support(args: argparse.Namespace) -> int:
     from bpftune import support
+    from bpftune.btf import BtfError
 
-    if os.geteuid() != 0:
+    if args.btf is not None:  # another kernel: nothing is loaded, so no root needed
+        try:
+            found = support.from_btf_file(args.btf)
+        except BtfError as e:
+            raise UsageError(str(e)) from None
+    elif os.geteuid() != 0:
         raise UsageError("must be run as root to probe BPF support")
-    lines, usable = support.report(support.probe(), plugins.builtin_tuners())
+    else:
+        found = support.probe()
+    lines, usable = support.report(found, plugins.builtin_tuners())
     for line in lines:
         log.notice(line)
     return 0 if usable else 1

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpftune import __version__, caps, plugins, support
-from bpftune.bpf import Cgroup, Programs, bpf_dir, ensure_tracefs, tracepoint_exists
+from bpftune.bpf import BpfError, Cgroup, Programs, bpf_dir, ensure_tracefs
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
 from bpftune.correlation import Correlations
 from bpftune.events import Event
+from bpftune.hooks import NotNeeded, Plan
 from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
@@ -51,6 +52,9 @@ class Engine:
         self.learning_rate = LearningRate(options.learning_rate)
         self.correlations = Correlations()
         self.tuners: list[Tuner] = []
+        #: Tuners that did not load, with the one-line reason (for -q tuners).
+        self.unloaded: dict[str, str] = {}
+        self.support: support.Support | None = None
         self.started = time.time()
         self.stopping = False
         self.namespaces: Namespaces | None = None
@@ -81,7 +85,8 @@ class Engine:
             self.programs = Programs(btf, self.learning_rate, self.dispatch)
         except (OSError, BtfError) as e:
             raise StartError(str(e)) from None
-        self._log_support(btf)
+        self.support = support.probe(btf, self.programs)
+        self._log_support()
         for cls in plugins.discover(self.options.allow, self.options.plugin_dir):
             self.load(cls)
         if not self.active_tuners():
@@ -106,10 +111,10 @@ class Engine:
         names = ", ".join(t.name for t in self.active_tuners())
         log.notice(f"bpftune v{__version__} started; active tuners: {names}")
 
-    def _log_support(self, btf: Btf) -> None:
-        """Upstream's support lines ("bpftune works fully", per-netns policy), before any
-        tuner's."""
-        lines, _ = support.report(support.probe(btf, self.programs), plugins.builtin_tuners())
+    def _log_support(self) -> None:
+        """Upstream's support lines ("bpftune works fully", per-netns policy) and each
+        tuner's plan, before any tuner's own lines."""
+        lines, _ = support.report(self.support, plugins.builtin_tuners())
         for line in lines:
             log.notice(line)
 
@@ -128,26 +133,51 @@ class Engine:
     def load(self, cls: type[Tuner]) -> Tuner | None:
         tuner = cls(self, len(self.tuners))
         try:
-            self._check_requirements(tuner)
+            tuner.hooks = cls.plan(self.programs.btf, self.support.present)
             self._check_tunables(tuner)
             if tuner.bpf_source:
-                source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
-                tuner.bpf = self.programs.compile(source, tuner.id, tuner.fields,
-                                                  text=plugins.bpf_text(tuner))
+                tuner.bpf = self._compile(tuner)
+            self._attach_cgroup_programs(tuner)
+            tuner.publish_values()
             tuner.init()
+        except NotNeeded as e:
+            self.unloaded[tuner.name] = f"not needed: {e}"
+            return None
         except Exception as e:
+            self.unloaded[tuner.name] = f"cannot load: {e}"
             log.err(f"error initializing '{tuner.name}': {e}")
             self._unload_bpf(tuner)
             return None
         tuner.state = TunerState.ACTIVE
         self.tuners.append(tuner)
-        log.debug(f"successfully initialized tuner {tuner!r}")
+        log.debug(f"successfully initialized tuner {tuner!r} ({tuner.hooks.describe()})")
         return tuner
 
-    def _check_requirements(self, tuner: Tuner) -> None:
-        missing = [tp for tp in tuner.tracepoints if not tracepoint_exists(tp)]
-        if missing:
-            raise RuntimeError(f"tracepoint {', '.join(missing)} not available")
+    def _compile(self, tuner: Tuner):
+        """Compile with the tuner's plan; if the kernel refuses its fentry hooks (BTF lists
+        the function, but it may not be traceable), fall back to the plan without fentry."""
+        source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
+        text = plugins.bpf_text(tuner)
+
+        def compile_with(plan: Plan):
+            return self.programs.compile(source, tuner.id, tuner.fields, text=text,
+                                         defines=tuner.id_defines() + plan.cflags())
+        try:
+            return compile_with(tuner.hooks)
+        except BpfError as e:
+            if not tuner.hooks.uses_trampolines():
+                raise
+            fallback = type(tuner).plan(self.programs.btf, self.support.present - {"fentry"})
+            log.notice(f"{tuner.name}: fentry refused ({e}); using {fallback.describe()}")
+            tuner.hooks = fallback
+            return compile_with(fallback)
+
+    def _attach_cgroup_programs(self, tuner: Tuner) -> None:
+        programs = tuner.cgroup_programs
+        if programs:
+            self.cgroup.detach_stale([p.function for p in programs])  # a killed bpftune's
+        for p in programs:
+            self.cgroup.attach(tuner.bpf, p.function, p.kind)
 
     def _check_tunables(self, tuner: Tuner) -> None:
         for t in tuner.tunables:
@@ -280,6 +310,8 @@ class Engine:
 
     def _unload_bpf(self, tuner: Tuner) -> None:
         if tuner.bpf is not None:
+            for p in tuner.cgroup_programs:
+                self.cgroup.detach(tuner.bpf, p.function, p.kind)
             tuner.bpf.cleanup()
             tuner.bpf = None
 

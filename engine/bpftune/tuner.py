@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from bpftune.btf import Field
-from bpftune.sysctl import LONG_MAX, Value
+from bpftune.btf import Btf, BtfError, Field
+from bpftune.events import MAX_VALUES
+from bpftune.hooks import Plan, PlanError, Watch, make_plan
+from bpftune.sysctl import LONG_MAX, SysctlError, Value
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -65,6 +67,15 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class CgroupProgram:
+    """A function of the tuner's BPF source that the engine attaches to the cgroup (and
+    detaches on unload, or at the next start after a crash)."""
+
+    function: str
+    kind: str  # a key of bpftune.bpf.CGROUP_ATTACH: "sysctl" or "sock_ops"
+
+
+@dataclass(frozen=True)
 class Strategy:
     name: str
     description: str
@@ -77,10 +88,11 @@ class Tuner:
     #: BPF source file in the bpf/ directory, compiled with the fields below as -D offsets.
     bpf_source: ClassVar[str | None] = None
     fields: ClassVar[dict[str, Field]] = {}
-    #: Kernel features this tuner needs (names from bpftune.support.FEATURES).
+    #: Kernel features this tuner needs besides its hooks' (bpftune.support.FEATURES).
     features: ClassVar[frozenset[str]] = frozenset()
-    #: Tracepoints ("category/name") the BPF program attaches to.
-    tracepoints: ClassVar[tuple[str, ...]] = ()
+    #: What the BPF program watches, each with its hooks in order of preference.
+    watches: ClassVar[tuple[Watch, ...]] = ()
+    cgroup_programs: ClassVar[tuple[CgroupProgram, ...]] = ()
     strategies: ClassVar[tuple[Strategy, ...]] = ()
     #: Set for plugin tuners: their BPF source lives beside the plugin file.
     plugin_dir: ClassVar[str | None] = None
@@ -90,6 +102,52 @@ class Tuner:
     #: PCP cluster of this tuner's metrics: fixed, so PMIDs never change. Plugins may leave it
     #: None for one derived from the name (site-local range).
     pmda_cluster: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Tunables and scenarios declared as class attributes (``WMEM = Tunable(...)``)
+        become ``tunables`` and ``scenarios`` in declaration order; their attribute names
+        are the ``TUNABLE_<NAME>`` and ``SCENARIO_<NAME>`` ids the BPF source is compiled
+        with, so ids are declared once, here."""
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        for kind, attr in ((Tunable, "tunables"), (Scenario, "scenarios")):
+            declared = {k: v for k, v in own.items() if isinstance(v, kind)}
+            if declared:
+                if attr in own:
+                    raise TypeError(f"{cls.__name__}: declare {attr} as attributes or as a "
+                                    f"tuple, not both")
+                setattr(cls, attr, tuple(declared.values()))
+                setattr(cls, f"_{attr}_keys", tuple(declared))
+
+    @classmethod
+    def id_defines(cls) -> list[str]:
+        """``-DTUNABLE_<NAME>=<id>`` and ``-DSCENARIO_<NAME>=<id>`` for the BPF compile."""
+        flags = []
+        for attr, prefix in (("tunables", "TUNABLE"), ("scenarios", "SCENARIO")):
+            keys = getattr(cls, f"_{attr}_keys", ())
+            flags += [f"-D{prefix}_{key}={i}" for i, key in enumerate(keys)]
+        return flags
+
+    @classmethod
+    def check_needed(cls, btf: Btf) -> None:
+        """Raise hooks.NotNeeded if this kernel does not need the tuner."""
+
+    @classmethod
+    def plan(cls, btf: Btf, features: set[str]) -> Plan:
+        """How this tuner would watch the kernel described by ``btf`` (PlanError if it
+        cannot, NotNeeded if it need not)."""
+        missing = sorted(cls.features - features)
+        if missing:
+            raise PlanError(f"missing {', '.join(missing)}")
+        cls.check_needed(btf)
+        for field in cls.fields.values():
+            try:
+                btf.field(field)
+            except BtfError as e:
+                raise PlanError(str(e)) from None
+        plan = make_plan(cls.watches, btf, features)
+        plan.cgroup = [p.kind for p in cls.cgroup_programs]
+        return plan
 
     @classmethod
     def cluster(cls) -> int:
@@ -102,6 +160,7 @@ class Tuner:
         self.id = tuner_id
         self.state = TunerState.INACTIVE
         self.bpf = None
+        self.hooks = Plan()  # what its BPF program attached to, chosen at load
         self.strategy: Strategy | None = self.strategies[0] if self.strategies else None
 
     def __repr__(self) -> str:
@@ -144,15 +203,42 @@ class Tuner:
                 return t
         raise KeyError(name)
 
-    def scenario_id(self, name: str) -> int:
-        return next(i for i, s in enumerate(self.scenarios) if s.name == name)
+    def scenario_id(self, scenario: Scenario | int) -> int:
+        return scenario if isinstance(scenario, int) else self.scenarios.index(scenario)
+
+    def tunable_id(self, tunable: Tunable) -> int:
+        return self.tunables.index(tunable)
 
     def value(self, tunable: Tunable, cookie: int = 0) -> Value:
         """The live value of a tunable in the namespace ``cookie``."""
         return self.engine.changes.read(tunable, cookie)
 
-    def change(self, tunable: Tunable, scenario: int, cookie: int, new: Value,
+    def change(self, tunable: Tunable, scenario: Scenario | int, cookie: int, new: Value,
                reason: str, *, expect: Value | None = None) -> bool:
         """Ask the engine to change ``tunable``; see ``Changes.apply``."""
-        return self.engine.changes.apply(self, tunable, scenario, cookie, new, reason,
-                                         expect=expect)
+        changed = self.engine.changes.apply(self, tunable, self.scenario_id(scenario), cookie,
+                                            new, reason, expect=expect)
+        if changed and (not tunable.namespaced or self.engine.namespaces.is_global(cookie)):
+            self.publish_values(tunable)
+        return changed
+
+    def publish_values(self, *tunables: Tunable) -> None:
+        """Let the BPF program see the global values of ``tunables`` (all by default) in
+        its ``tunable_values`` map (bpftune.bpf.h)."""
+        if self.bpf is None:
+            return
+        table = self.bpf["tunable_values"]
+        for tunable in tunables or self.tunables:
+            if not tunable.sysctl or tunable.string:
+                continue
+            try:
+                values = self.engine.changes.read(tunable)
+            except SysctlError:
+                continue  # an optional tunable this kernel does not have
+            base = self.tunable_id(tunable) * MAX_VALUES
+            for position, value in enumerate(values[:MAX_VALUES]):
+                table[table.Key(base + position)] = table.Leaf(value)
+
+    def count(self, tunable: Tunable, scenario: Scenario | int, cookie: int) -> None:
+        """Count a scenario acted on without a change of the tunable."""
+        self.engine.changes.count(self, tunable, self.scenario_id(scenario), cookie)

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from bpftune.btf import Field
 from bpftune.events import Event
+from bpftune.hooks import Watch, fexit, raw_tp
 from bpftune.tuner import Scenario, Tunable, Tuner
 
 
@@ -19,7 +20,12 @@ class NetnsTuner(Tuner):
     pmda_cluster = 14
     bpf_source = "netns.bpf.c"
     acts_in_netns = False
-    features = frozenset({"btf", "ringbuf", "raw_tracepoints", "netns_cookie"})
+    features = frozenset({"btf", "ringbuf", "netns_cookie"})
+    watches = (
+        # copy_net_ns makes every new namespace, by clone() or unshare(); fork is the
+        # hook every kernel has, and sees only clone() (see bpf/netns.bpf.c).
+        Watch("namespace creation", (fexit("copy_net_ns"), raw_tp("sched_process_fork"))),
+    )
     fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
         "OFF_TASK_TGID": Field("task_struct.tgid", 4),

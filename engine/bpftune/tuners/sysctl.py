@@ -13,11 +13,10 @@ import contextlib
 from typing import ClassVar
 
 from bpftune import sysctl
-from bpftune.bpf import BPF_CGROUP_SYSCTL, BPF_PROG_TYPE_CGROUP_SYSCTL
 from bpftune.btf import Field
 from bpftune.events import Event
 from bpftune.log import log
-from bpftune.tuner import Tuner
+from bpftune.tuner import CgroupProgram, Tuner
 
 PROGRAM = "bpftune_sysctl_write"
 MAX_MANAGED = 64  # as bpf/sysctl.bpf.c
@@ -38,15 +37,13 @@ class SysctlTuner(Tuner):
     bpf_source = "sysctl.bpf.c"
     acts_in_netns = False
     features = frozenset({"btf", "ringbuf", "cgroup_sysctl"})
+    cgroup_programs = (CgroupProgram(PROGRAM, "sysctl"),)
     fields: ClassVar[dict[str, Field]] = {
         "OFF_TASK_NSPROXY": Field("task_struct.nsproxy", 8),
         "OFF_NSPROXY_NET_NS": Field("nsproxy.net_ns", 8),
     }
 
     def init(self) -> None:
-        cgroup = self.engine.cgroup
-        cgroup.detach_stale([PROGRAM])
-        cgroup.attach(self.bpf, PROGRAM, BPF_PROG_TYPE_CGROUP_SYSCTL, BPF_CGROUP_SYSCTL)
         self.slots: list[str] = []  # names the BPF program reports, by slot
         self.global_writes_seen: list[int] = []
 
@@ -59,9 +56,6 @@ class SysctlTuner(Tuner):
         for slot, name in enumerate(self.slots):
             managed[managed.Key(name.replace(".", "/").encode())] = managed.Leaf(slot)
         self.global_writes_seen = [0] * len(self.slots)
-
-    def fini(self) -> None:
-        self.engine.cgroup.detach(self.bpf, PROGRAM, BPF_CGROUP_SYSCTL)
 
     def handle(self, event: Event) -> None:
         cookie = event.netns_cookie

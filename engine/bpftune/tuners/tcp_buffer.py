@@ -17,6 +17,7 @@ from bpftune import procnet
 from bpftune.btf import Field
 from bpftune.changes import due_to
 from bpftune.events import Event
+from bpftune.hooks import Watch, fentry, raw_tp, tp
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
@@ -42,7 +43,7 @@ def _flag() -> tuple[int, ...]:
 
 BUFFER = ("min", "default", "max")
 MIN_SYN_BACKLOG = 128
-MAX_SYN_BACKLOG = 1 << 18
+SYN_BACKLOG_CEILING = 1 << 18
 SYNCOOKIE_FAILURES = 1024
 LATENCY_HOLD_SECONDS = 60  # after shrinking for latency, do not grow again this long
 CALM_TICKS = 5  # seconds of normal TCP memory before low-memory settings are undone
@@ -52,13 +53,26 @@ class TcpBufferTuner(Tuner):
     name = "tcp_buffer"
     pmda_cluster = 10
     bpf_source = "tcp_buffer.bpf.c"
-    tracepoints = ("tcp/tcp_rcv_space_adjust", "sock/sock_send_length",
-                   "sock/sock_exceed_buf_limit", "tcp/tcp_retransmit_synack")
-    features = frozenset({"btf", "ringbuf", "tracepoints", "raw_tracepoints"})
+    features = frozenset({"btf", "ringbuf"})
+    watches = (
+        # tcp_rcvbuf_grow fires only when a receive buffer wants to grow (6.18+);
+        # tcp_rcv_space_adjust on every read of a socket, so it is sampled.
+        Watch("receive buffer growth", (raw_tp("tcp_rcvbuf_grow"),
+                                        fentry("tcp_rcv_space_adjust"),
+                                        raw_tp("tcp_rcv_space_adjust"))),
+        # tcp_sndbuf_expand fires only when a send buffer grows; sendmsg (6.12+) and
+        # tcp_probe (every incoming segment, so also the ACKs that free send space: every
+        # kernel has it) are sampled.
+        Watch("send buffer growth", (fentry("tcp_sndbuf_expand"), raw_tp("sock_send_length"),
+                                     raw_tp("tcp_probe"))),
+        Watch("TCP memory limits", (tp("sock/sock_exceed_buf_limit"),)),
+        Watch("SYN queue overflow", (tp("tcp/tcp_retransmit_synack"),)),
+    )
     fields: ClassVar[dict[str, Field]] = {
         "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),
+        # A 4-bit bitfield before Linux 6.9, a byte since: READ_FIELD reads both.
         "OFF_SK_USERLOCKS": Field("sock.sk_userlocks", 1),
         "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
         "OFF_SK_TYPE": Field("sock.sk_type", 2),
@@ -71,75 +85,74 @@ class TcpBufferTuner(Tuner):
         "OFF_TCP_SRTT_US": Field("tcp_sock.srtt_us", 4),
         "OFF_ICSK_ACCEPT_QUEUE_QLEN": Field("inet_connection_sock.icsk_accept_queue.qlen", 4),
     }
-    tunables = (
-        Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
-                positions=BUFFER, unit="bytes"),
-        Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
-                positions=BUFFER, unit="bytes"),
-        Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling,
-                positions=("min", "pressure", "max"), unit="pages"),
-        Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag),
-        Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag),
-        Tunable("net.ipv4.tcp_no_ssthresh_metrics_save", namespaced=True, optional=True,
-                ceiling=_flag),
-        # Upstream marks it namespaced; the kernel keeps one value for all namespaces.
-        Tunable("net.core.high_order_alloc_disable", optional=True, ceiling=_flag),
-        # Upstream declares this one with a wrong type, so never reads it; we do.
-        Tunable("net.ipv4.tcp_syncookies", namespaced=True, ceiling=lambda: (2,)),
-        Tunable("net.ipv4.tcp_max_syn_backlog", namespaced=True,
-                ceiling=lambda: (MAX_SYN_BACKLOG,)),
-        Tunable("net.ipv4.tcp_max_orphans"),
-    )
-    (WMEM, RMEM, MEM, MODERATE_RCVBUF, NO_METRICS_SAVE, NO_SSTHRESH_METRICS_SAVE,
-     HIGH_ORDER_ALLOC_DISABLE, SYNCOOKIES, MAX_SYN_BACKLOG_ID, MAX_ORPHANS) = range(10)
-    scenarios = (
-        Scenario("need to increase TCP buffer size(s)",
-                 "Need to increase buffer size(s) to maximize throughput"),
-        Scenario("need to decrease TCP buffer size(s)",
-                 "Need to decrease buffer size(s) to reduce memory utilization"),
-        Scenario("need to decrease TCP buffer size due to latency",
-                 "Latency is starting to correlate with buffer size increases, so decrease "
-                 "buffer size to avoid this effect"),
-        Scenario("approaching TCP memory pressure",
-                 "Since memory pressure/exhaustion are unstable system states, adjust tcp "
-                 "memory-related tunables"),
-        Scenario("approaching TCP memory exhaustion",
-                 "Since memory exhaustion is a highly unstable state, adjust TCP "
-                 "memory-related tunables to avoid exhaustion"),
-        Scenario("match receive buffer size with throughput needs",
-                 "Since we are tuning rcvbuf max size, ensure auto-tuning of rcvbuf size for "
-                 "the connection is enabled to pick optimal rcvbuf size"),
-        Scenario("set tunable on entering low-memory state",
-                 "In low-memory situations, avoid activities like skb high order allocations, "
-                 "per-path TCP metric collection which can lead to overheads"),
-        Scenario("unset tunable set earlier in low-memory state",
-                 "Due to easing of memory strain, unset tunables to allow skb high order "
-                 "allocations, (re)-enable TCP metrics collection etc"),
-        Scenario("increase maximum syn backlog under load since syncookies are disabled",
-                 "Due to the fact that syncookies are disabled and we are seeing a large "
-                 "number of legitimate-seeming TCP connections, increase TCP maximum SYN "
-                 "backlog queue length"),
-        Scenario("decrease maximum syn backlog due to large numbers of uncompleted connections",
-                 "A large number of connection requests (SYNs) uncorrelated with connection "
-                 "establishment suggest a more cautious approach to handling pending "
-                 "connections to avoid Denial of Service attacks"),
-        # Upstream spells this "furthern"; a scenario name is user-facing text, so fixed.
-        Scenario("enable syncookies as further SYN backlog increases do not help",
-                 "SYN flood conditions have been detected, but further increases to SYN "
-                 "backlog are not advisable; try using syncookies instead"),
-        Scenario("disable syncookies as they are ineffective",
-                 "TCP syncookies are not effective; none have been validated successfully"),
-    )
-    (NEED_INCREASE, NEED_DECREASE, LATENCY, MEM_PRESSURE, MEM_EXHAUSTION, MATCH_RCVBUF,
-     ENTER_LOW_MEMORY, LEAVE_LOW_MEMORY, SYN_BACKLOG_INCREASE, SYN_BACKLOG_DECREASE,
-     ENABLE_SYNCOOKIES, DISABLE_SYNCOOKIES) = range(12)
+    # Tunables; the attribute names are the TUNABLE_* ids in bpf/tcp_buffer.bpf.c.
+    WMEM = Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
+                   positions=BUFFER, unit="bytes")
+    RMEM = Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
+                   positions=BUFFER, unit="bytes")
+    MEM = Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling,
+                  positions=("min", "pressure", "max"), unit="pages")
+    MODERATE_RCVBUF = Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag)
+    NO_METRICS_SAVE = Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag)
+    NO_SSTHRESH_METRICS_SAVE = Tunable("net.ipv4.tcp_no_ssthresh_metrics_save",
+                                       namespaced=True, optional=True, ceiling=_flag)
+    # Upstream marks it namespaced; the kernel keeps one value for all namespaces.
+    HIGH_ORDER_ALLOC_DISABLE = Tunable("net.core.high_order_alloc_disable", optional=True,
+                                       ceiling=_flag)
+    # Upstream declares this one with a wrong type, so never reads it; we do.
+    SYNCOOKIES = Tunable("net.ipv4.tcp_syncookies", namespaced=True, ceiling=lambda: (2,))
+    MAX_SYN_BACKLOG = Tunable("net.ipv4.tcp_max_syn_backlog", namespaced=True,
+                              ceiling=lambda: (SYN_BACKLOG_CEILING,))
+    MAX_ORPHANS = Tunable("net.ipv4.tcp_max_orphans")
+    # Scenarios; the attribute names are the SCENARIO_* ids in bpf/tcp_buffer.bpf.c.
+    NEED_INCREASE = Scenario("need to increase TCP buffer size(s)",
+                             "Need to increase buffer size(s) to maximize throughput")
+    NEED_DECREASE = Scenario("need to decrease TCP buffer size(s)",
+                             "Need to decrease buffer size(s) to reduce memory utilization")
+    LATENCY = Scenario("need to decrease TCP buffer size due to latency",
+                       "Latency is starting to correlate with buffer size increases, so "
+                       "decrease buffer size to avoid this effect")
+    MEM_PRESSURE = Scenario("approaching TCP memory pressure",
+                            "Since memory pressure/exhaustion are unstable system states, "
+                            "adjust tcp memory-related tunables")
+    MEM_EXHAUSTION = Scenario("approaching TCP memory exhaustion",
+                              "Since memory exhaustion is a highly unstable state, adjust TCP "
+                              "memory-related tunables to avoid exhaustion")
+    MATCH_RCVBUF = Scenario("match receive buffer size with throughput needs",
+                            "Since we are tuning rcvbuf max size, ensure auto-tuning of rcvbuf "
+                            "size for the connection is enabled to pick optimal rcvbuf size")
+    ENTER_LOW_MEMORY = Scenario("set tunable on entering low-memory state",
+                                "In low-memory situations, avoid activities like skb high "
+                                "order allocations, per-path TCP metric collection which can "
+                                "lead to overheads")
+    LEAVE_LOW_MEMORY = Scenario("unset tunable set earlier in low-memory state",
+                                "Due to easing of memory strain, unset tunables to allow skb "
+                                "high order allocations, (re)-enable TCP metrics collection "
+                                "etc")
+    SYN_BACKLOG_INCREASE = Scenario(
+        "increase maximum syn backlog under load since syncookies are disabled",
+        "Due to the fact that syncookies are disabled and we are seeing a large number of "
+        "legitimate-seeming TCP connections, increase TCP maximum SYN backlog queue length")
+    SYN_BACKLOG_DECREASE = Scenario(
+        "decrease maximum syn backlog due to large numbers of uncompleted connections",
+        "A large number of connection requests (SYNs) uncorrelated with connection "
+        "establishment suggest a more cautious approach to handling pending connections to "
+        "avoid Denial of Service attacks")
+    # Upstream spells this "furthern"; a scenario name is user-facing text, so fixed.
+    ENABLE_SYNCOOKIES = Scenario(
+        "enable syncookies as further SYN backlog increases do not help",
+        "SYN flood conditions have been detected, but further increases to SYN backlog are "
+        "not advisable; try using syncookies instead")
+    DISABLE_SYNCOOKIES = Scenario(
+        "disable syncookies as they are ineffective",
+        "TCP syncookies are not effective; none have been validated successfully")
     LOW_MEMORY_FLAGS = (NO_METRICS_SAVE, NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE)
 
     def __init__(self, engine: Engine, tuner_id: int) -> None:
         super().__init__(engine, tuner_id)
-        self.growth_held_until: dict[tuple[int, int], float] = {}
+        self.growth_held_until: dict[tuple[str, int], float] = {}
         # Per netns: what we changed on entering low memory, to undo exactly that on leaving.
-        self.low_memory_undo: dict[int, dict[int, tuple[int, ...]]] = {}
+        self.low_memory_undo: dict[int, dict[Tunable, tuple[int, ...]]] = {}
         self.calm_ticks = 0
         self.syn_floods: dict[int, int] = {}
         self.syncookie_baseline: dict[int, dict[str, int]] = {}
@@ -156,16 +169,16 @@ class TcpBufferTuner(Tuner):
             table.pop(cookie, None)
 
     def handle(self, event: Event) -> None:
-        if event.tunable_id in (self.WMEM, self.RMEM):
-            self._grow_buffer(event)
-        elif event.tunable_id == self.MEM:
+        tunable = self.tunables[event.tunable_id]
+        if tunable in (self.WMEM, self.RMEM):
+            self._grow_buffer(tunable, event)
+        elif tunable == self.MEM:
             self._tcp_memory(event)
-        elif event.tunable_id == self.MAX_SYN_BACKLOG_ID:
+        elif tunable == self.MAX_SYN_BACKLOG:
             self._syn_flood(event)
 
     # Buffer limits.
-    def _grow_buffer(self, event: Event) -> None:
-        tunable = self.tunables[event.tunable_id]
+    def _grow_buffer(self, tunable: Tunable, event: Event) -> None:
         cookie = event.netns_cookie
         old, proposed = event.old_values(3), event.new_values(3)
         latency = self.engine.correlations[(self.name, tunable.name, cookie)]
@@ -173,13 +186,13 @@ class TcpBufferTuner(Tuner):
         if latency.correlated():
             self._shrink_for_latency(tunable, cookie, old)
             return
-        if time.monotonic() < self.growth_held_until.get((event.tunable_id, cookie), 0):
+        if time.monotonic() < self.growth_held_until.get((tunable.name, cookie), 0):
             return
         why = "need to increase max buffer size to maximize throughput"
         changed = self.change(tunable, self.NEED_INCREASE, cookie, proposed,
                               due_to(why, tunable), expect=old)
-        if changed and event.tunable_id == self.RMEM:
-            moderate = self.tunables[self.MODERATE_RCVBUF]
+        if changed and tunable == self.RMEM:
+            moderate = self.MODERATE_RCVBUF
             self.change(moderate, self.MATCH_RCVBUF, cookie, (1,),
                         f"Because we are changing rcvbuf parameters, set '{moderate.name}' to "
                         f"auto-tune receive buffer size to match the size required by the path "
@@ -195,14 +208,13 @@ class TcpBufferTuner(Tuner):
             # Upstream keeps growing and shrinking in turn; we stop growth for a while and
             # start the correlation afresh.
             self.engine.correlations[(self.name, tunable.name, cookie)].reset()
-            key = (self.tunables.index(tunable), cookie)
-            self.growth_held_until[key] = time.monotonic() + LATENCY_HOLD_SECONDS
+            self.growth_held_until[(tunable.name, cookie)] = time.monotonic() + LATENCY_HOLD_SECONDS
 
     # TCP memory.
     def _tcp_memory(self, event: Event) -> None:
-        exhaustion = event.scenario_id == self.MEM_EXHAUSTION
+        exhaustion = self.scenarios[event.scenario_id] == self.MEM_EXHAUSTION
         why = "near memory exhaustion" if exhaustion else "near memory pressure"
-        tunable = self.tunables[self.MEM]
+        tunable = self.MEM
         self.change(tunable, event.scenario_id, 0, event.new_values(3),
                     due_to(why, tunable), expect=event.old_values(3))
         self.calm_ticks = 0
@@ -211,25 +223,24 @@ class TcpBufferTuner(Tuner):
 
     def _enter_low_memory(self, cookie: int) -> None:
         undo = self.low_memory_undo.setdefault(cookie, {})
-        for index in self.LOW_MEMORY_FLAGS:
-            tunable = self.tunables[index]
-            if index not in undo and self.change(
+        for tunable in self.LOW_MEMORY_FLAGS:
+            if tunable not in undo and self.change(
                     tunable, self.ENTER_LOW_MEMORY, cookie, (1,),
                     f"Due to low memory conditions, set '{tunable.name}'", expect=(0,)):
-                undo[index] = (0,)
-        backlog = self.tunables[self.MAX_SYN_BACKLOG_ID]
-        if self.MAX_SYN_BACKLOG_ID not in undo:
+                undo[tunable] = (0,)
+        backlog = self.MAX_SYN_BACKLOG
+        if backlog not in undo:
             (current,) = self.value(backlog, cookie)
             smaller = self.engine.learning_rate.shrink(current)
             if smaller >= MIN_SYN_BACKLOG and self.change(
                     backlog, self.ENTER_LOW_MEMORY, cookie, (smaller,),
                     due_to("low memory conditions", backlog), expect=(current,)):
-                undo[self.MAX_SYN_BACKLOG_ID] = (current,)
+                undo[backlog] = (current,)
 
     def tick(self, now: float) -> None:
         if not self.low_memory_undo:
             return
-        (_, pressure, _) = self.value(self.tunables[self.MEM])
+        (_, pressure, _) = self.value(self.MEM)
         if self.engine.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure):
             self.calm_ticks = 0
             return
@@ -241,25 +252,24 @@ class TcpBufferTuner(Tuner):
         """Undo what entering low memory did (upstream undoes whatever the cached values say,
         including settings an administrator made)."""
         for cookie, undo in self.low_memory_undo.items():
-            for index, value in undo.items():
-                tunable = self.tunables[index]
+            for tunable, value in undo.items():
                 self.change(tunable, self.LEAVE_LOW_MEMORY, cookie, value,
                             f"Due to leaving low memory conditions, set '{tunable.name}'"
-                            if index in self.LOW_MEMORY_FLAGS else
+                            if tunable in self.LOW_MEMORY_FLAGS else
                             due_to("leaving low memory conditions", tunable))
         self.low_memory_undo.clear()
 
     # SYN floods.
     def _syn_flood(self, event: Event) -> None:
         cookie = event.netns_cookie
-        (syncookies,) = self.value(self.tunables[self.SYNCOOKIES], cookie)
+        (syncookies,) = self.value(self.SYNCOOKIES, cookie)
         with self.engine.namespaces.entered(cookie):
             counters = procnet.counters()
         if syncookies:
             self._check_syncookies(cookie, counters)
             return  # the SYN backlog limit only applies when syncookies are off
         if self.low_memory_undo:
-            tunable = self.tunables[self.SYNCOOKIES]
+            tunable = self.SYNCOOKIES
             self.change(tunable, self.ENABLE_SYNCOOKIES, cookie, (1,),
                         f"Due to low memory conditions under SYN flood, enable "
                         f"'{tunable.name}' rather than increasing max SYN backlog")
@@ -267,7 +277,7 @@ class TcpBufferTuner(Tuner):
         self.syn_floods[cookie] = self.syn_floods.get(cookie, 0) + 1
         accepted = self.engine.correlations[(self.name, "syn_flood", cookie)]
         accepted.add(self.syn_floods[cookie], counters.get("Tcp:PassiveOpens", 0))
-        backlog = self.tunables[self.MAX_SYN_BACKLOG_ID]
+        backlog = self.MAX_SYN_BACKLOG
         (old,) = event.old_values(1)
         if len(accepted) > 10 and not accepted.correlated():
             smaller = self.engine.learning_rate.shrink(old)
@@ -290,7 +300,7 @@ class TcpBufferTuner(Tuner):
                               - base.get(f"TcpExt:Syncookies{k}", 0)
                               for k in ("Sent", "Failed", "Recv"))
         if min(sent, failed) >= SYNCOOKIE_FAILURES and recv == 0:
-            tunable = self.tunables[self.SYNCOOKIES]
+            tunable = self.SYNCOOKIES
             self.change(tunable, self.DISABLE_SYNCOOKIES, cookie, (0,),
                         f"Due to receiving {failed} invalid syncookies and no valid ones, "
                         f"disable '{tunable.name}' as they are ineffective under current "

@@ -1,0 +1,122 @@
+"""Hooks with alternatives: how a tuner watches the kernel, chosen per kernel from its BTF.
+
+A tuner declares, for each thing it watches, the hooks that can see it, best first: the
+cheapest, most targeted one (a hook that fires only when a limit matters, or fentry, which
+costs less than a tracepoint) before the ones every kernel has. At load the engine takes the
+first hook of each watch that the kernel offers (from BTF) and the BPF features allow (from
+probing, or for another kernel's BTF file from its enums), and compiles the tuner's BPF
+source with ``-DHOOK_<KIND>_<target>`` for each; the C file guards each hook's program with
+``#ifdef``. A tuner without a hook for a required watch does not load, and says why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+#: Hook kinds, the BPF feature each needs (bpftune.support.FEATURES) and how -S names them.
+KINDS = {"fentry": "fentry", "fexit": "fentry", "raw_tp": "raw_tracepoints",
+         "tp": "tracepoints"}
+#: Tests force the fallbacks of a kernel that lacks some hooks: comma-separated targets.
+AVOID_ENV = "BPFTUNE_AVOID_HOOKS"
+
+
+class PlanError(Exception):
+    """The tuner cannot load on this kernel; the message says why."""
+
+
+class NotNeeded(Exception):
+    """The kernel does not need this tuner; the message says why."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    kind: str  # a key of KINDS
+    target: str  # a function (fentry) or a tracepoint ("tcp_probe", "sock/sock_exceed_buf_limit")
+
+    @property
+    def name(self) -> str:
+        """The function or tracepoint name, as in BTF."""
+        return self.target.rsplit("/", 1)[-1]
+
+    @property
+    def define(self) -> str:
+        return f"-DHOOK_{self.kind.upper()}_{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.target}"
+
+    def offered_by(self, btf) -> bool:
+        if self.kind in ("fentry", "fexit"):
+            return btf.has_function(self.name)
+        return btf.has_tracepoint(self.name)
+
+
+def fentry(function: str) -> Hook:
+    return Hook("fentry", function)
+
+
+def fexit(function: str) -> Hook:
+    return Hook("fexit", function)
+
+
+def raw_tp(tracepoint: str) -> Hook:
+    return Hook("raw_tp", tracepoint)
+
+
+def tp(tracepoint: str) -> Hook:
+    return Hook("tp", tracepoint)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Something a tuner watches, e.g. "receive buffer growth", and its hooks, best first."""
+
+    what: str
+    hooks: tuple[Hook, ...]
+    #: A tuner loads without an optional watch (and -S says what it then misses).
+    optional: bool = False
+
+
+@dataclass
+class Plan:
+    hooks: dict[str, Hook] = field(default_factory=dict)  # watch -> chosen hook
+    unwatched: list[str] = field(default_factory=list)  # optional watches with no hook
+    cgroup: list[str] = field(default_factory=list)  # cgroup program kinds, e.g. "sysctl"
+
+    def cflags(self) -> list[str]:
+        return [h.define for h in self.hooks.values()]
+
+    def uses_trampolines(self) -> bool:
+        return any(KINDS[h.kind] == "fentry" for h in self.hooks.values())
+
+    def describe(self) -> str:
+        names = [str(h) for h in self.hooks.values()] + [f"cgroup/{k}" for k in self.cgroup]
+        text = ", ".join(dict.fromkeys(names))
+        if self.unwatched:
+            text += f" (no hook for {', '.join(self.unwatched)})"
+        return text
+
+
+def avoided() -> set[str]:
+    return {t.strip() for t in os.environ.get(AVOID_ENV, "").split(",") if t.strip()}
+
+
+def make_plan(watches: Iterable[Watch], btf, features: set[str],
+              avoid: Iterable[str] = ()) -> Plan:
+    """The best hook of every watch on this kernel; PlanError naming what is missing."""
+    avoid = set(avoid) | avoided()
+    plan = Plan()
+    for watch in watches:
+        usable = [h for h in watch.hooks if h.name not in avoid and h.target not in avoid]
+        chosen = next((h for h in usable if KINDS[h.kind] in features and h.offered_by(btf)),
+                      None)
+        if chosen:
+            plan.hooks[watch.what] = chosen
+        elif watch.optional:
+            plan.unwatched.append(watch.what)
+        else:
+            tried = ", ".join(str(h) for h in watch.hooks)
+            raise PlanError(f"no hook for {watch.what} (tried {tried})")
+    return plan
