@@ -122,4 +122,6 @@ start_service pmcd "pminfo -f pmcd.version"
 # pmproxy serves PCP's REST API (the one Grafana's PCP datasources use) on port 44322.
 start_service pmproxy "exec 3<>/dev/tcp/127.0.0.1/44322"
 make_venv
+# BTF of the distro kernels tests/test_portability.py plans and compiles for (fetched once).
+"$repo/scripts/kernel-btf.sh" >/dev/null
 say "ready ($venv)"

@@ -93,7 +93,7 @@ class Programs:
                 raise BpfError(f"cannot create the BPF ring buffer: {e}") from e
         # Keep a reference: BCC holds only a C pointer to the callback.
         self._callback = self._on_ring_buffer
-        for ring in ("bpftune_events", "bpftune_admin_events"):
+        for ring in (b"bpftune_events", b"bpftune_admin_events"):
             self.core[ring].open_ring_buffer(self._callback)
 
     def _on_ring_buffer(self, _ctx, data, size) -> int:

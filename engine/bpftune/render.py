@@ -28,6 +28,8 @@ def registry() -> list[dict]:
     """Built-in tuners as the templates see them: what has metrics, and their names."""
     tuners = []
     for cls in builtin_tuners():
+        if cls.reports_only:
+            continue
         tunables = [{"name": t.name, "values": t.values, "positions": list(t.position_names()),
                      "unit": UNITS.get(t.unit, "short"), "pages": t.unit == "pages",
                      "metrics": metrics.tunable_metrics(cls.name, t.name)}

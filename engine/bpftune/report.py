@@ -73,6 +73,7 @@ class Snapshot:
     events_dropped: int
     bpf_programs: int
     tables: dict[str, int]  # entries kept per namespace (Engine.table_sizes)
+    unloaded: dict[str, str]  # tuners that did not load -> why
 
     @property
     def generation(self) -> tuple[int, ...]:
@@ -127,7 +128,7 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             events_received=programs.events_received if programs else 0,
             events_dropped=programs.events_dropped if programs else 0,
             bpf_programs=sum(len(t.bpf.funcs) for t in engine.tuners if t.bpf is not None),
-            tables=engine.table_sizes())
+            tables=engine.table_sizes(), unloaded=dict(engine.unloaded))
 
 
 def _quoted(value: Value) -> str:
@@ -143,7 +144,11 @@ def help_text(_snap: Snapshot | None = None) -> str:
 
 
 def tuners(snap: Snapshot) -> str:
-    return "".join(f"{t.name:>20} {t.state:>20}\n" for t in snap.tuners)
+    """Upstream's lines for the loaded tuners; then the others, inactive, with the reason
+    (as ``bpftune -S`` gives it)."""
+    return ("".join(f"{t.name:>20} {t.state:>20}\n" for t in snap.tuners)
+            + "".join(f"{name:>20} {'inactive':>20} {why}\n"
+                      for name, why in snap.unloaded.items()))
 
 
 def tunables(snap: Snapshot) -> str:
@@ -310,6 +315,7 @@ def state(snap: Snapshot) -> str:
     netns = {str(c): {"name": snap.netns_names[c], "global": c == GLOBAL} for c in snap.cookies}
     live = _live_values.get(snap)
     return json.dumps({"version": STATE_VERSION, "daemon": daemon, "netns": netns,
+                       "unloaded": snap.unloaded,
                        "tuners": [_tuner_state(snap, t, live) for t in snap.tuners]})
 
 

@@ -93,6 +93,9 @@ class Tuner:
     #: What the BPF program watches, each with its hooks in order of preference.
     watches: ClassVar[tuple[Watch, ...]] = ()
     cgroup_programs: ClassVar[tuple[CgroupProgram, ...]] = ()
+    #: A tuner that never loads on any kernel we know (it only says why, in -S and
+    #: -q tuners) has no metrics, so no dashboard or pmlogger configuration.
+    reports_only: ClassVar[bool] = False
     strategies: ClassVar[tuple[Strategy, ...]] = ()
     #: Set for plugin tuners: their BPF source lives beside the plugin file.
     plugin_dir: ClassVar[str | None] = None
