@@ -84,9 +84,10 @@ class Plan:
     hooks: dict[str, Hook] = field(default_factory=dict)  # watch -> chosen hook
     unwatched: list[str] = field(default_factory=list)  # optional watches with no hook
     cgroup: list[str] = field(default_factory=list)  # cgroup program kinds, e.g. "sysctl"
+    defines: list[str] = field(default_factory=list)  # the tuner's constants from BTF
 
     def cflags(self) -> list[str]:
-        return [h.define for h in self.hooks.values()]
+        return [h.define for h in self.hooks.values()] + self.defines
 
     def uses_trampolines(self) -> bool:
         return any(KINDS[h.kind] == "fentry" for h in self.hooks.values())

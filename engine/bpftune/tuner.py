@@ -93,6 +93,11 @@ class Tuner:
     #: What the BPF program watches, each with its hooks in order of preference.
     watches: ClassVar[tuple[Watch, ...]] = ()
     cgroup_programs: ClassVar[tuple[CgroupProgram, ...]] = ()
+    #: Enum values the BPF source compares against, taken from the kernel's BTF (they
+    #: differ per kernel: SKB_DROP_REASON_CPU_BACKLOG is 46, 61, 71 on 6.1, 6.12, 6.18):
+    #: C name -> (enum, enumerator), passed as -D<C name>=<value>. A missing one is a
+    #: PlanError.
+    constants: ClassVar[dict[str, tuple[str, str]]] = {}
     #: A tuner that never loads on any kernel we know (it only says why, in -S and
     #: -q tuners) has no metrics, so no dashboard or pmlogger configuration.
     reports_only: ClassVar[bool] = False
@@ -150,6 +155,11 @@ class Tuner:
                 raise PlanError(str(e)) from None
         plan = make_plan(cls.watches, btf, features)
         plan.cgroup = [p.kind for p in cls.cgroup_programs]
+        for name, (enum_name, enumerator) in cls.constants.items():
+            value = btf.enum_value(enum_name, enumerator)
+            if value is None:
+                raise PlanError(f"kernel has no {enumerator} in enum {enum_name}")
+            plan.defines.append(f"-D{name}={value}")
         return plan
 
     @classmethod
@@ -172,6 +182,10 @@ class Tuner:
     # Life cycle, overridden by tuners as needed.
     def init(self) -> None:
         """Called after the BPF program is loaded and initial values are read."""
+
+    def compile_defines(self) -> list[str]:
+        """Extra -D flags known only at run time (e.g. kernel addresses), for the compile."""
+        return []
 
     def started(self) -> None:
         """Called once every tuner is loaded."""
