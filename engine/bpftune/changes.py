@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from bpftune import sysctl
+from bpftune.access import from_spec
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
 from bpftune.sysctl import SysctlError, Value, format_value
@@ -68,6 +68,8 @@ class Record:
     changes: int = 0
     last_change: float = 0.0
     intended: list[int] | str | None = None
+    #: How the tunable is read and written (bpftune.access spec); None for a sysctl.
+    access: dict | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -220,7 +222,7 @@ class Changes:
 
     def read(self, tunable: Tunable, cookie: int = GLOBAL) -> Value:
         with self.namespaces.entered(self.ledger_cookie(tunable, cookie)):
-            return sysctl.read(tunable.name, string=tunable.string)
+            return tunable.access.read(tunable.name, tunable.string)
 
     def read_many(self, tunables: Iterable[Tunable], cookie: int) -> dict[str, Value]:
         """Values of several tunables in one namespace, switching into it once; unreadable
@@ -229,7 +231,7 @@ class Changes:
         with contextlib.suppress(OSError), self.namespaces.entered(cookie):
             for t in tunables:
                 with contextlib.suppress(SysctlError):
-                    found[t.name] = sysctl.read(t.name, string=t.string)
+                    found[t.name] = t.access.read(t.name, t.string)
         return found
 
     def is_manual(self, tuner: Tuner, cookie: int) -> bool:
@@ -258,7 +260,7 @@ class Changes:
     def _apply_here(self, tuner: Tuner, tunable: Tunable, scenario: int, where: int,
                     new: Value, reason: str, expect: Value | None) -> bool:
         try:
-            old = sysctl.read(tunable.name, string=tunable.string)
+            old = tunable.access.read(tunable.name, tunable.string)
         except SysctlError as e:
             log.debug(f"{tuner.name}: {e}")
             return False
@@ -278,13 +280,13 @@ class Changes:
             return False
         crash_point("intent")
         try:
-            sysctl.write(tunable.name, new)
+            tunable.access.write(tunable.name, new, old)
         except SysctlError as e:
             log.err(f"{tuner.name}: {e}")
             readback = old
         else:
             try:
-                readback = sysctl.read(tunable.name, string=tunable.string)
+                readback = tunable.access.read(tunable.name, tunable.string)
             except SysctlError as e:  # written or not: the announcement stays, see _announce
                 log.err(f"{tuner.name}: {e}")
                 return False
@@ -323,7 +325,8 @@ class Changes:
         record = self.records.get((tunable.name, where))
         if record is None:
             value = _as_record_value(old)
-            record = Record(tuner.name, tunable.name, where, value, value)
+            record = Record(tuner.name, tunable.name, where, value, value,
+                            access=tunable.access.spec())
         elif record.intended is not None and _as_value(record.intended) == old:
             record.current = record.intended  # an earlier write landed; its read-back failed
         elif _as_value(record.current) != old:
@@ -399,13 +402,12 @@ class Changes:
             if r.tuner != tuner.name or r.original == r.current:
                 continue
             suffix = "" if r.cookie == GLOBAL else f" in {r.where}"
-            new = format_value(_as_value(r.current))
             lines += [
                 f"# sysctl '{r.tunable}' changed from ({format_value(_as_value(r.original))}) "
-                f"-> ({new}){suffix}",
+                f"-> ({format_value(_as_value(r.current))}){suffix}",
                 "# To replicate this change on another system, run the following as a "
                 "privileged user in a terminal:",
-                f'sysctl -w {r.tunable}="{new}"',
+                *from_spec(r.access).replicate(r.tunable, _as_value(r.current)),
             ]
         return lines
 
@@ -435,7 +437,8 @@ class Changes:
 
     def _rollback_here(self, r: Record) -> None:
         string = isinstance(r.original, str)
-        live = sysctl.read(r.tunable, string=string)
+        access = from_spec(r.access)
+        live = access.read(r.tunable, string)
         original, current = _as_value(r.original), _as_value(r.current)
         if r.intended is not None and live == _as_value(r.intended):
             current = live  # written, though its read-back failed
@@ -447,8 +450,8 @@ class Changes:
             return
         log.notice(f"Rolling back sysctl values for '{r.tunable}' from ({format_value(live)}) "
                    f"to original values ({format_value(original)})...")
-        sysctl.write(r.tunable, original)
-        if sysctl.read(r.tunable, string=string) != original:
+        access.write(r.tunable, original, live)
+        if access.read(r.tunable, string) != original:
             raise SysctlError(0, f"read back of '{r.tunable}' does not match")
 
     def adopt_leftovers(self) -> None:
@@ -467,7 +470,7 @@ class Changes:
     def _adoptable(self, r: Record, pid: int | None) -> bool:
         try:
             with self.namespaces.entered(r.cookie):
-                live = sysctl.read(r.tunable, string=isinstance(r.original, str))
+                live = from_spec(r.access).read(r.tunable, isinstance(r.original, str))
         except OSError as e:  # a namespace that is gone, or a sysctl that is
             log.debug(f"forgetting what bpftune (pid {pid}) changed in {r.where}: {e}")
             return False

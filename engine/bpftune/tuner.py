@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from bpftune.access import SYSCTL, Access
 from bpftune.btf import Btf, BtfError, Field
 from bpftune.events import MAX_VALUES
 from bpftune.hooks import Plan, PlanError, Watch, make_plan
@@ -52,6 +53,8 @@ class Tunable:
     positions: tuple[str, ...] = ()
     #: Unit of the values for metrics: "bytes", "pages" or "" (a plain number).
     unit: str = ""
+    #: How it is read and written (bpftune.access): a sysctl unless said otherwise.
+    access: Access = SYSCTL
 
     def position_names(self) -> tuple[str, ...]:
         return self.positions or tuple(str(i) for i in range(self.values))

@@ -49,8 +49,8 @@ class SysctlTuner(Tuner):
 
     def started(self) -> None:
         """Tell the BPF program which sysctls to report: every other tuner's."""
-        names = {t.name for tuner in self.engine.active_tuners() if tuner is not self
-                 for t in tuner.tunables if t.sysctl}
+        names = {name for tuner in self.engine.active_tuners() if tuner is not self
+                 for t in tuner.tunables if t.sysctl for name in t.access.names(t.name)}
         self.slots = sorted(names)[:MAX_MANAGED]
         managed = self.bpf["managed"]
         for slot, name in enumerate(self.slots):
@@ -79,7 +79,7 @@ class SysctlTuner(Tuner):
 
     def _hand_over(self, name: str, cookie: int, who: str) -> None:
         for tuner in self.engine.active_tuners():
-            if tuner is self or not any(t.name == name for t in tuner.tunables):
+            if tuner is self or not any(name in t.access.names(t.name) for t in tuner.tunables):
                 continue
             if self.engine.changes.is_manual(tuner, cookie):
                 continue
