@@ -105,7 +105,7 @@ class Programs:
         self.on_event(event)
         return 0
 
-    def _text(self, source: Path, text: str | None) -> bytes:
+    def _text(self, source: Path, text: str | None, checks: str = "") -> bytes:
         """The source with bpftune.bpf.h pasted in: BCC rewrites map method calls
         (``bpftune_events.ringbuf_output(...)``) only in the main file, not in headers."""
         if text is None:
@@ -115,14 +115,16 @@ class Programs:
                 raise BpfError(f"refusing to read BPF source '{source}' outside {self.dir}")
             text = source.read_text()
         header = (self.dir / SHARED_HEADER).read_text()
-        return text.replace(f'#include "{SHARED_HEADER}"', header).encode()
+        return (text.replace(f'#include "{SHARED_HEADER}"', header) + checks).encode()
 
     def compile(self, source: Path, tuner_id: int, fields: dict[str, Field], *,
-                text: str | None = None, defines: list[str] | None = None):
+                text: str | None = None, defines: list[str] | None = None,
+                checks: str = ""):
         """Compile a tuner's BPF source; tracepoints and fentry attach automatically.
         ``text`` is the source's content when the caller has read it (a plugin's, after the
         trust checks); otherwise ``source`` must be a file of bpf_dir(). ``defines`` are the
-        tuner's ids and its plan's hooks (-D flags)."""
+        tuner's ids and its plan's hooks (-D flags); ``checks`` is C appended to the source
+        (static assertions of the tuner's event payload layout)."""
         if self.btf is None:
             raise BpfError("BPF programs can only be loaded at start-up")
         cflags = [
@@ -136,7 +138,7 @@ class Programs:
         ]
         with compiler_output_to_log():
             try:
-                return bcc_module().BPF(text=self._text(source, text), cflags=cflags)
+                return bcc_module().BPF(text=self._text(source, text, checks), cflags=cflags)
             except BpfError:
                 raise
             except Exception as e:

@@ -162,7 +162,8 @@ class Engine:
         def compile_with(plan: Plan):
             return self.programs.compile(source, tuner.id, tuner.fields, text=text,
                                          defines=tuner.id_defines() + plan.cflags()
-                                         + tuner.compile_defines())
+                                         + tuner.compile_defines(),
+                                         checks=tuner.compile_checks())
         try:
             return compile_with(tuner.hooks)
         except BpfError as e:

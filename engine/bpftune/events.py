@@ -34,6 +34,12 @@ class Event(ct.Structure):
     def new_values(self, n: int) -> tuple[int, ...]:
         return tuple(self.new[:n])
 
+    def payload(self, layout: type[ct.Structure]) -> ct.Structure:
+        """The tuner's own record in the event's ``str`` area, as ``layout`` (a ctypes
+        struct the compile checked against the C one: see ``payload_checks``)."""
+        size = ct.sizeof(layout)
+        return layout.from_buffer_copy(ct.string_at(ct.addressof(self) + Event.str.offset, size))
+
     @property
     def text(self) -> str:
         return self.str.decode(errors="replace")
@@ -41,3 +47,19 @@ class Event(ct.Structure):
     @property
     def command(self) -> str:
         return self.comm.decode(errors="replace")
+
+
+def payload_checks(layout: type[ct.Structure], c_struct: str) -> str:
+    """C static assertions that ``struct <c_struct>`` has ctypes ``layout``'s size and field
+    offsets and fits an event's payload area: appended to the tuner's source, so a mismatch
+    fails the compile (at load, and in the portability tests) instead of garbling events."""
+    checks = [f"_Static_assert(sizeof(struct {c_struct}) == {ct.sizeof(layout)}, "
+              f'"struct {c_struct} is not the size of {layout.__name__}");',
+              f"_Static_assert(sizeof(struct {c_struct}) <= {STR_LEN}, "
+              f'"struct {c_struct} does not fit an event");']
+    for name, *_ in layout._fields_:
+        offset = getattr(layout, name).offset
+        checks.append(f"_Static_assert(__builtin_offsetof(struct {c_struct}, {name}) == "
+                      f'{offset}, "{c_struct}.{name} is not at {offset} as in '
+                      f'{layout.__name__}");')
+    return "\n".join(checks) + "\n"

@@ -8,6 +8,7 @@ back, logs, counts and records the change.
 
 from __future__ import annotations
 
+import ctypes as ct
 import enum
 import zlib
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from bpftune.access import SYSCTL, Access
 from bpftune.btf import Btf, BtfError, Field
-from bpftune.events import MAX_VALUES
+from bpftune.events import MAX_VALUES, payload_checks
 from bpftune.hooks import Plan, PlanError, Watch, make_plan
 from bpftune.sysctl import LONG_MAX, SysctlError, Value
 
@@ -101,6 +102,11 @@ class Tuner:
     #: C name -> (enum, enumerator), passed as -D<C name>=<value>. A missing one is a
     #: PlanError.
     constants: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: The tuner's own event record (in the event's ``str`` area), e.g. a device's ifindex
+    #: and name: a ctypes struct, and the name of the C struct it must match (checked at
+    #: compile time). Read it with ``event.payload(self.payload)``.
+    payload: ClassVar[type[ct.Structure] | None] = None
+    payload_struct: ClassVar[str] = ""
     #: A tuner that never loads on any kernel we know (it only says why, in -S and
     #: -q tuners) has no metrics, so no dashboard or pmlogger configuration.
     reports_only: ClassVar[bool] = False
@@ -185,6 +191,11 @@ class Tuner:
     # Life cycle, overridden by tuners as needed.
     def init(self) -> None:
         """Called after the BPF program is loaded and initial values are read."""
+
+    @classmethod
+    def compile_checks(cls) -> str:
+        """C appended to the tuner's source: its payload layout's static assertions."""
+        return payload_checks(cls.payload, cls.payload_struct) if cls.payload else ""
 
     def compile_defines(self) -> list[str]:
         """Extra -D flags known only at run time (e.g. kernel addresses), for the compile."""
