@@ -367,3 +367,34 @@ def test_new_tunables_and_scenarios_of_a_known_tuner_get_new_numbers(fake, var_d
     assert [(s["id"], s["name"]) for s in tcp_buffer["scenarios"]] == [
         (0, "need to increase TCP buffer size(s)"), (1, "need to decrease TCP buffer size(s)"),
         (2, "need to retransmit less")]
+
+
+def published(name: str, value, *, counter: bool = False, instances: str = "",
+              unit: str = "count") -> dict:
+    return {"name": name, "help": f"{name} as the tuner counts them", "unit": unit,
+            "counter": counter, "instances": instances,
+            "metric": f"bpftune.tcp_buffer.{name}", "value": value}
+
+
+def test_published_values_have_stable_numbers_help_units_and_instances(fake, var_dir):
+    tcp_buffer = fake.state["tuners"][0]
+    tcp_buffer["published"] = [published("chosen", {"cubic": 3, "bbr": 9}, counter=True,
+                                         instances="algorithm"),
+                               published("queued_bytes", 4096, unit="bytes")]
+    commands = ["wait 1", "fetch bpftune.tcp_buffer.chosen",
+                "fetch bpftune.tcp_buffer.queued_bytes", "desc bpftune.tcp_buffer.chosen",
+                "desc bpftune.tcp_buffer.queued_bytes", "text bpftune.tcp_buffer.chosen"]
+    out = dbpmda(commands, fake.path, var_dir)
+    assert fetched(out, "486.10.256") == {"cubic": "3", "bbr": "9"}
+    assert fetched(out, "486.10.257") == {None: "4096"}
+    assert "Semantics: counter  Units: count" in out
+    assert "Semantics: instant  Units: byte" in out
+    assert "chosen as the tuner counts them" in out
+    # A newer daemon lists a new value first: known numbers stay, the new one is next.
+    tcp_buffer["published"].insert(0, published("retries", 7, counter=True))
+    commands[1:1] = ["fetch bpftune.tcp_buffer.retries"]
+    for _ in range(2):  # when first seen, and again from the registry after a restart
+        out = dbpmda(commands, fake.path, var_dir)
+        assert fetched(out, "486.10.256") == {"cubic": "3", "bbr": "9"}
+        assert fetched(out, "486.10.257") == {None: "4096"}
+        assert fetched(out, "486.10.258") == {None: "7"}

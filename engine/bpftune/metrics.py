@@ -29,6 +29,10 @@ def subtrees(tuners: Iterable[str]) -> list[str]:
     return [f"{PREFIX}.daemon", f"{PREFIX}.tuner", *(f"{PREFIX}.{t}" for t in tuners)]
 
 
+def published_metric(tuner: str, name: str) -> str:
+    return f"{PREFIX}.{tuner}.{name}"
+
+
 def scenario_metric(tuner: str, scenario: str) -> str:
     return f"{PREFIX}.{tuner}.scenarios.{slug(scenario)}"
 

@@ -16,19 +16,20 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bpftune import __version__
 from bpftune.changes import GLOBAL, Changes, Record
-from bpftune.metrics import scenario_metric, tunable_metrics
+from bpftune.log import log
+from bpftune.metrics import published_metric, scenario_metric, tunable_metrics
 from bpftune.query import Query
 from bpftune.sysctl import Value, format_value
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
     from bpftune.netns import Namespaces
-    from bpftune.tuner import Scenario, Strategy, Tunable
+    from bpftune.tuner import Published, Scenario, Strategy, Tunable
 
 STATE_VERSION = 1
 LIVE_SECONDS = 0.5
@@ -48,6 +49,8 @@ class TunerView:
     scenarios: tuple[Scenario, ...]
     #: Its summary lines (its own and the ledger's), for the queries that ask for them.
     summary: tuple[str, ...]
+    published: tuple[Published, ...] = ()
+    published_values: dict = field(default_factory=dict)
 
     @property
     def sysctls(self) -> list[Tunable]:
@@ -80,6 +83,14 @@ class Snapshot:
         """Changes whenever the ledger does."""
         return (len(self.records), sum(r.changes for r in self.records.values()),
                 sum(self.scenario_counts.values()), len(self.manual))
+
+
+def _published_values(tuner) -> dict:
+    try:
+        return tuner.published_values() if tuner.state.value == "active" else {}
+    except Exception as e:  # one tuner's bug must not break the state query
+        log.err(f"{tuner.name}: cannot read published values: {e!r}")
+        return {}
 
 
 def _copy(record: Record) -> Record:
@@ -115,7 +126,8 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             name=t.name, id=t.id, cluster=t.cluster(), state=t.state.value,
             strategy=t.strategy.name if t.strategy else None, strategies=tuple(t.strategies),
             tunables=tuple(t.tunables), scenarios=tuple(t.scenarios),
-            summary=tuple(t.summarize() + changes.summary(t)) if summaries else ())
+            summary=tuple(t.summarize() + changes.summary(t)) if summaries else (),
+            published=t.published, published_values=_published_values(t))
             for t in engine.tuners)
         return Snapshot(
             changes=changes, tuners=tuners, records=records, scenario_counts=counts,
@@ -255,6 +267,11 @@ def _tuner_state(snap: Snapshot, tuner: TunerView, live: dict[int, dict[str, Val
         "strategies": [{"name": s.name, "description": s.description}
                        for s in tuner.strategies],
         "tunables": [_tunable_state(snap, tuner, t, live) for t in tuner.tunables],
+        "published": [{"name": p.name, "help": p.help, "unit": p.unit, "counter": p.counter,
+                       "instances": p.instances,
+                       "metric": published_metric(tuner.name, p.name),
+                       "value": tuner.published_values.get(p.name)}
+                      for p in tuner.published],
         "scenarios": [{"id": i, "name": s.name, "description": s.description,
                        "metric": scenario_metric(tuner.name, s.name),
                        "counts": counts.get(i, {})} for i, s in enumerate(tuner.scenarios)],

@@ -80,6 +80,19 @@ class CgroupProgram:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A value a tuner publishes beyond its tunables and scenarios (e.g. choices per
+    congestion-control algorithm): the PMDA serves it as bpftune.<tuner>.<name>, with a
+    number that never changes, this help text and unit."""
+
+    name: str  # a PMNS name component (letters, digits, underscores)
+    help: str
+    unit: str = ""  # "bytes", "count" or "" (a plain number)
+    counter: bool = False  # a count that only grows (PCP counter semantics)
+    instances: str = ""  # what instances are ("cpu", "algorithm"); "" for a single value
+
+
+@dataclass(frozen=True)
 class Strategy:
     name: str
     description: str
@@ -111,6 +124,8 @@ class Tuner:
     #: -q tuners) has no metrics, so no dashboard or pmlogger configuration.
     reports_only: ClassVar[bool] = False
     strategies: ClassVar[tuple[Strategy, ...]] = ()
+    #: Extra values for the PMDA; ``published_values`` gives them.
+    published: ClassVar[tuple[Published, ...]] = ()
     #: Set for plugin tuners: their BPF source lives beside the plugin file.
     plugin_dir: ClassVar[str | None] = None
     #: Whether its events are about tuning in the event's namespace (so only namespaces
@@ -221,6 +236,10 @@ class Tuner:
 
     def table_sizes(self) -> dict[str, int]:
         """Sizes of the tuner's per-namespace tables (see ``Engine.table_sizes``)."""
+        return {}
+
+    def published_values(self) -> dict[str, int | dict[str, int]]:
+        """The current values of ``published``: a number, or {instance: number}."""
         return {}
 
     def summarize(self) -> list[str]:
