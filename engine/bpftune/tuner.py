@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 
 PLUGIN_CLUSTERS, PLUGIN_CLUSTER_RANGE = 200, 1800
+MAX_TUNABLES = 32  # as bpftune.bpf.h: the tunable_values map's size
 
 
 class TunerState(enum.Enum):
@@ -150,6 +151,8 @@ class Tuner:
                                     f"tuple, not both")
                 setattr(cls, attr, tuple(declared.values()))
                 setattr(cls, f"_{attr}_keys", tuple(declared))
+        if len(cls.tunables) > MAX_TUNABLES:
+            raise TypeError(f"{cls.__name__}: more than {MAX_TUNABLES} tunables")
 
     @classmethod
     def id_defines(cls) -> list[str]:
