@@ -2,7 +2,7 @@
 """bpftune's benchmarks: overhead, daemon CPU, reaction time, tuning benefit, footprint.
 
 Run as root from a checkout:  bench/run   (or .venv/bin/python bench/bpftune_bench.py
-[footprint] [idle] [overhead] [benefit] for some sections only)
+[footprint] [idle] [overhead] [plans] [benefit] for some sections only)
 Baseline and bpftune runs are alternated, several rounds each; the table shows medians,
 their spread ((max - min) / median) and ratios. Everything runs between network
 namespaces this script creates; sysctls are restored and namespaces removed at the end.
@@ -124,6 +124,36 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls) -> list[tuple]:
     return rows
 
 
+# tcp_buffer's hooks as chosen on this kernel, and the plan a kernel without fentry,
+# tcp_rcvbuf_grow and sock_send_length gets (Debian 12's 6.1 refusing fentry).
+PLANS = {"6.18 plan (tcp_rcvbuf_grow, sock_send_length)": {},
+         "6.1 plan (tcp_rcv_space_adjust, tcp_probe)":
+             {"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow,sock_send_length"}}
+
+
+def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls) -> list[tuple]:
+    """stress-ng --sock and iperf3 with tcp_buffer alone under each plan, against none."""
+    set_sysctls(sysctls, ROOMY, [None, hosts.ns])
+    sock: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
+    iperf3: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
+    for i in range(ROUNDS):
+        sock[""].append(stress_sock())
+        iperf3[""].append(mbits(iperf(hosts.ns, None, hosts.ns_addr)))
+        for j, (name, env) in enumerate(PLANS.items()):
+            with daemon(tmp / f"plan{i}-{j}", "-a", "tcp_buffer", env=env):
+                sock[name].append(stress_sock())
+                iperf3[name].append(mbits(iperf(hosts.ns, None, hosts.ns_addr)))
+    rows = []
+    for name in PLANS:
+        for label, runs in (("stress-ng --sock", sock), ("iperf3", iperf3)):
+            rows.append((f"{name[:25]}: {label}",
+                         f"{statistics.median(runs[name]):.0f} vs "
+                         f"{statistics.median(runs['']):.0f} (spread "
+                         f"{spread(runs[name]):.0f}%/{spread(runs['']):.0f}%)",
+                         statistics.median(runs[name]) / statistics.median(runs[""]), ">= 0.99"))
+    return rows
+
+
 def idle_cpu(tmp: Path, seconds: int = 30) -> list[tuple]:
     with daemon(tmp / "idle") as d:
         time.sleep(2)
@@ -221,7 +251,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bpftune_bench: run as root", file=sys.stderr)
         return 1
-    wanted = sys.argv[1:] or ["footprint", "idle", "overhead", "benefit"]
+    wanted = sys.argv[1:] or ["footprint", "idle", "overhead", "plans", "benefit"]
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -233,6 +263,7 @@ def main() -> int:
             sections: dict[str, Callable[[], list[tuple]]] = {
                 "footprint": lambda: footprint(tmp), "idle": lambda: idle_cpu(tmp),
                 "overhead": lambda: overhead(tmp, hosts, sysctls),
+                "plans": lambda: plans(tmp, hosts, sysctls),
                 "benefit": lambda: benefit(tmp, sysctls)}
             for name in wanted:
                 rows += sections[name]()

@@ -1,5 +1,6 @@
 /* Shared by every tuner's BPF program: the event record, the one ring buffer all tuners
- * write to, rate limiting, and the learning-rate arithmetic.
+ * write to, rate limiting, sampling, the learning-rate arithmetic, field reads and the
+ * task's netns.
  *
  * Compiled by BCC with -D constants from the engine:
  *   TUNER_ID, LEARNING_SHIFT, BPFTUNE_PID, and OFF_* byte offsets of kernel struct fields
@@ -126,6 +127,28 @@ static __always_inline u64 net_cookie(void *net)
 	READ_AT(cookie, net, OFF_NET_COOKIE);
 	return cookie;
 }
+
+#ifdef OFF_TASK_NSPROXY
+/* The netns of a task (fields "task_struct.nsproxy", "nsproxy.net_ns"); NULL while it
+ * exits. */
+static __always_inline void *task_net(void *task)
+{
+	void *nsproxy = NULL, *net = NULL;
+
+	READ_AT(nsproxy, task, OFF_TASK_NSPROXY);
+	if (nsproxy)
+		READ_AT(net, nsproxy, OFF_NSPROXY_NET_NS);
+	return net;
+}
+
+/* The netns cookie of the current task (0 if it has none). */
+static __always_inline u64 current_netns_cookie(void)
+{
+	void *net = task_net((void *)bpf_get_current_task());
+
+	return net ? net_cookie(net) : 0;
+}
+#endif
 
 /* True if an event for this (netns, tunable) was sent less than RATE_LIMIT_NS ago;
  * otherwise records now as the last event time. */

@@ -19,16 +19,6 @@ BPF_TABLE("lru_hash", u64, u8, reported_netns, 4096);
 BPF_ARRAY(budget, struct rate_window, 1);
 BPF_ARRAY(missed, u64, 1);
 
-static __always_inline void *task_net(void *task)
-{
-	void *nsproxy = NULL, *net = NULL;
-
-	READ_AT(nsproxy, task, OFF_TASK_NSPROXY);
-	if (nsproxy)
-		READ_AT(net, nsproxy, OFF_NSPROXY_NET_NS);
-	return net;
-}
-
 static __always_inline void report_netns(void *net, u32 pid)
 {
 	struct bpftune_event ev = {};

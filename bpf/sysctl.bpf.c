@@ -26,18 +26,6 @@ BPF_ARRAY(global_writes, u64, MAX_MANAGED);			/* slot -> writes */
 BPF_ARRAY(other_netns_budget, struct rate_window, 1);
 BPF_ARRAY(other_netns_dropped, u64, 1);
 
-static __always_inline u64 current_netns_cookie(void)
-{
-	void *task = (void *)bpf_get_current_task();
-	void *nsproxy = NULL, *net = NULL;
-
-	READ_AT(nsproxy, task, OFF_TASK_NSPROXY);
-	if (!nsproxy)
-		return 0;
-	READ_AT(net, nsproxy, OFF_NSPROXY_NET_NS);
-	return net ? net_cookie(net) : 0;
-}
-
 int bpftune_sysctl_write(struct bpf_sysctl *ctx)
 {
 	struct bpftune_event ev = {};
