@@ -33,6 +33,8 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "bpftune: bpftune works fully",
         "bpftune: bpftune supports per-netns policy (via netns cookie)",
         # fentry is refused here: each tuner says which hooks it takes instead.
+        "bpftune: ip_frag: raw_tp/kfree_skb",
+        "bpftune: net_buffer: raw_tp/kfree_skb",
         "bpftune: netns: raw_tp/sched_process_fork",
         "bpftune: route_table: not needed: this kernel does not enforce "
         "net.ipv6.route.max_size (dst_ops.gc returns void since Linux commit af6d10345ca7, "
@@ -40,6 +42,7 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "bpftune: sysctl: cgroup/sysctl",
         "bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, raw_tp/sock_send_length, "
         "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack",
+        "bpftune: udp_buffer: raw_tp/udp_fail_queue_rcv_skb, raw_tp/kfree_skb",
     ]
 
 
@@ -49,8 +52,8 @@ def test_support_without_btf_names_the_feature_and_the_tuners_it_disables():
     lines = r.stderr.splitlines()
     assert lines[0] == "bpftune: bpftune is not supported"
     assert ("bpftune: missing BPF Type Format (BTF) information for kernel struct offsets "
-            "(cannot read kernel BTF from /nonexistent/vmlinux): disables netns, sysctl, "
-            "tcp_buffer") in lines
+            "(cannot read kernel BTF from /nonexistent/vmlinux): disables ip_frag, net_buffer, "
+            "netns, sysctl, tcp_buffer, udp_buffer") in lines
 
 
 def test_start_without_btf_is_one_clear_line(tmp_path):

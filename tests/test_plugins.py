@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import daemon
+from helpers import ACTIVE_HERE, daemon
 
 PLUGIN = '''
 from bpftune.tuner import Scenario, Tuner
@@ -38,7 +38,7 @@ def plugin_dir():
 
 def test_trusted_plugin_is_loaded(tmp_path, plugin_dir):
     with daemon(tmp_path, "-l", plugin_dir) as d:
-        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, demo")
+        d.wait_for(rf"active tuners: {ACTIVE_HERE}, demo")
 
 
 def posix_acl(uid: int) -> bytes:
@@ -64,7 +64,7 @@ def test_untrusted_plugin_is_refused(tmp_path, plugin_dir, make_untrusted, reaso
     plugin = os.path.join(plugin_dir, "demo_tuner.py")
     make_untrusted(plugin_dir, plugin)
     with daemon(tmp_path, "-l", plugin_dir) as d:
-        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer$|tcp_buffer\n")
+        d.wait_for(rf"active tuners: {ACTIVE_HERE}$|active tuners: {ACTIVE_HERE}\n")
     assert reason.format(d=plugin_dir, f=plugin) in d.log
     assert f"refusing untrusted plugin '{plugin}'" in d.log
     assert "demo" not in d.log.split("active tuners:")[1]
@@ -77,7 +77,7 @@ def test_a_tuner_that_fails_to_load_does_not_stop_the_others(tmp_path, plugin_di
     with open(os.path.join(plugin_dir, "broken.bpf.c"), "w") as f:
         f.write("this is not C;\n")
     with daemon(tmp_path, "-l", plugin_dir) as d:
-        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, demo")
+        d.wait_for(rf"active tuners: {ACTIVE_HERE}, demo")
     assert "error initializing 'broken': cannot load BPF program broken.bpf.c" in d.log
 
 
@@ -143,7 +143,7 @@ def write_bpf_plugin(d: str, bpf_source: str = "bpfdemo.bpf.c") -> str:
 def test_plugin_with_trusted_bpf_source_is_loaded(tmp_path, bpf_plugin_dir):
     write_bpf_plugin(bpf_plugin_dir)
     with daemon(tmp_path, "-l", bpf_plugin_dir) as d:
-        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, bpfdemo, demo")
+        d.wait_for(rf"active tuners: {ACTIVE_HERE}, bpfdemo, demo")
         subprocess.run(["true"], check=True)  # an exec for its program to report
         d.wait_for(r"bpfdemo: event from its BPF program \(pid \d+\)")
 
@@ -180,7 +180,7 @@ def test_plugin_with_untrusted_bpf_source_is_refused(tmp_path, bpf_plugin_dir, b
     if make_untrusted:
         make_untrusted(source)
     with daemon(tmp_path, "-l", bpf_plugin_dir) as d:
-        d.wait_for(r"active tuners: netns, sysctl, tcp_buffer, demo\n")
+        d.wait_for(rf"active tuners: {ACTIVE_HERE}, demo\n")
         subprocess.run(["true"], check=True)
         time.sleep(1)
     assert reason.format(c=source, py=plugin, top=top) in d.log

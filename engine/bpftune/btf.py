@@ -152,6 +152,13 @@ class Btf:
         prototypes: a context pointer, then the tracepoint's arguments)."""
         return ("TYPEDEF", f"btf_trace_{name}") in self._named
 
+    def has_field(self, path: str) -> bool:
+        try:
+            self.locate(path)
+        except BtfError:
+            return False
+        return True
+
     def has_function(self, name: str) -> bool:
         return ("FUNC", name) in self._named
 

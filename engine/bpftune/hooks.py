@@ -34,6 +34,9 @@ class NotNeeded(Exception):
 class Hook:
     kind: str  # a key of KINDS
     target: str  # a function (fentry) or a tracepoint ("tcp_probe", "sock/sock_exceed_buf_limit")
+    #: A struct field whose presence in BTF means the kernel changed so that this hook no
+    #: longer sees what the watch needs (e.g. "udp_sock.udp_prod_queue", Linux 6.18).
+    unless: str = ""
 
     @property
     def name(self) -> str:
@@ -48,6 +51,8 @@ class Hook:
         return f"{self.kind}/{self.target}"
 
     def offered_by(self, btf) -> bool:
+        if self.unless and btf.has_field(self.unless):
+            return False
         if self.kind in ("fentry", "fexit"):
             return btf.has_function(self.name)
         return btf.has_tracepoint(self.name)
@@ -61,8 +66,8 @@ def fexit(function: str) -> Hook:
     return Hook("fexit", function)
 
 
-def raw_tp(tracepoint: str) -> Hook:
-    return Hook("raw_tp", tracepoint)
+def raw_tp(tracepoint: str, unless: str = "") -> Hook:
+    return Hook("raw_tp", tracepoint, unless)
 
 
 def tp(tracepoint: str) -> Hook:

@@ -98,10 +98,17 @@ def render_pcp(out: Path, interval: str = "10 sec") -> list[Path]:
         "pmlogconf/bpftune/summary": "pmlogconf.j2",
         "pmlogger/bpftune.config": "bpftune.config.j2",
         "pmieconf/bpftune/tuner_disabled": "pmieconf-tuner-disabled.j2",
-        "pmieconf/bpftune/scenario_repeated": "pmieconf-scenario-repeated.j2",
     }
     for path, template in files.items():
         _write(out / path, env.get_template(template).render(**context))
+    # One rule per tuner: pmieconf refuses a predicate string past about 2 KB.
+    repeated = env.get_template("pmieconf-scenario-repeated.j2")
+    for tuner in tuners:
+        if tuner["scenarios"]:
+            path = f"pmieconf/bpftune/scenario_repeated_{tuner['name']}"
+            _write(out / path, repeated.render(tuner=tuner["name"],
+                                               scenarios=tuner["scenarios"]))
+            files[path] = ""
     return [out / p for p in files]
 
 
