@@ -22,8 +22,12 @@ from bpftune.hooks import Plan, PlanError, Watch, make_plan
 from bpftune.sysctl import LONG_MAX, SysctlError, Value
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from bpftune.correlation import Correlation
     from bpftune.engine import Engine
     from bpftune.events import Event
+    from bpftune.learning import LearningRate
 
 
 PLUGIN_CLUSTERS, PLUGIN_CLUSTER_RANGE = 200, 1800
@@ -57,6 +61,9 @@ class Tunable:
     unit: str = ""
     #: How it is read and written (bpftune.access): a sysctl unless said otherwise.
     access: Access = SYSCTL
+    #: For a string tunable its BPF program compares against: the number it stands for
+    #: (e.g. a hex cpumask), as published in tunable_values.
+    as_number: Callable[[str], int] | None = None
 
     def position_names(self) -> tuple[str, ...]:
         return self.positions or tuple(str(i) for i in range(self.values))
@@ -262,6 +269,27 @@ class Tuner:
     def tunable_id(self, tunable: Tunable) -> int:
         return self.tunables.index(tunable)
 
+    @property
+    def learning_rate(self) -> LearningRate:
+        """How near a limit counts as near, and how far a limit moves (bpftune -r)."""
+        return self.engine.learning_rate
+
+    def correlation(self, key: str, cookie: int) -> Correlation:
+        """The tuner's correlation ``key`` (e.g. a tunable's name) in a namespace; forgotten
+        with the namespace."""
+        return self.engine.correlations[(self.name, key, cookie)]
+
+    def entered(self, cookie: int) -> AbstractContextManager:
+        """Run the block in the namespace ``cookie`` (e.g. to read its /proc/net counters)."""
+        return self.engine.namespaces.entered(cookie)
+
+    def changed_by(self, tunable: Tunable, cookie: int = 0) -> str | None:
+        """The tuner whose change of ``tunable`` the ledger holds (this run's or one an
+        earlier run left), if any."""
+        record = self.engine.changes.records.get(
+            (tunable.name, self.engine.changes.ledger_cookie(tunable, cookie)))
+        return record.tuner if record else None
+
     def value(self, tunable: Tunable, cookie: int = 0) -> Value:
         """The live value of a tunable in the namespace ``cookie``."""
         return self.engine.changes.read(tunable, cookie)
@@ -282,11 +310,13 @@ class Tuner:
             return
         table = self.bpf["tunable_values"]
         for tunable in tunables or self.tunables:
-            if not tunable.sysctl or tunable.string:
+            if not tunable.sysctl or (tunable.string and tunable.as_number is None):
                 continue
             try:
                 values = self.engine.changes.read(tunable)
-            except SysctlError:
+                if isinstance(values, str):
+                    values = (tunable.as_number(values),)
+            except (SysctlError, ValueError):
                 continue  # an optional tunable this kernel does not have
             base = self.tunable_id(tunable) * MAX_VALUES
             for position, value in enumerate(values[:MAX_VALUES]):

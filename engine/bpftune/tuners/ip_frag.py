@@ -155,7 +155,7 @@ class IpFragTuner(Tuner):
         (proposed,) = event.new_values(1)
         if self.value(tunable, cookie) != (old,):
             return  # stale: an earlier event changed it already (one sample per value)
-        failures = self.engine.correlations[(self.name, tunable.name, cookie)]
+        failures = self.correlation(tunable.name, cookie)
         rate = self.fail_rate(tunable, cookie)
         if rate is not None:
             failures.add(proposed, rate)
@@ -169,18 +169,18 @@ class IpFragTuner(Tuner):
                     expect=(old,))
 
     def _shrink(self, tunable: Tunable, cookie: int, old: int) -> None:
-        smaller = max(self.engine.learning_rate.shrink(old), self._low_thresh(tunable, cookie))
+        smaller = max(self.learning_rate.shrink(old), self._low_thresh(tunable, cookie))
         # Upstream logs the growth line ("approaching ...") for this decrease too.
         why = "correlation between fragmentation threshold increases and reassembly failures"
         if smaller < old and self.change(tunable, self.NEED_DECREASE, cookie, (smaller,),
                                          due_to(why, tunable), expect=(old,)):
             # Upstream shrinks and grows in turn, one event each; we hold growth off for a
             # while and start the correlation afresh.
-            self.engine.correlations[(self.name, tunable.name, cookie)].reset()
+            self.correlation(tunable.name, cookie).reset()
             self.held_until[(tunable.name, cookie)] = self.clock() + HOLD_SECONDS
 
     def _low_thresh(self, tunable: Tunable, cookie: int) -> int:
-        with contextlib.suppress(SysctlError), self.engine.namespaces.entered(cookie):
+        with contextlib.suppress(SysctlError), self.entered(cookie):
             return sysctl.read(self.LOW_THRESH[tunable.name])[0]
         return 0
 
@@ -204,7 +204,7 @@ class IpFragTuner(Tuner):
 
     def reassembly_counters(self, tunable: Tunable, cookie: int) -> tuple[int, int]:
         """(ReasmFails, ReasmReqds) of the tunable's IP version in the namespace."""
-        with self.engine.namespaces.entered(cookie):
+        with self.entered(cookie):
             if tunable == self.HIGH_THRESH:
                 counters = procnet.counters()
                 return counters.get("Ip:ReasmFails", 0), counters.get("Ip:ReasmReqds", 0)

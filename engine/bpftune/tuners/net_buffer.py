@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, ClassVar
 
 from bpftune.changes import GLOBAL, due_to
-from bpftune.events import MAX_VALUES, Event
+from bpftune.events import Event
 from bpftune.hooks import Watch, raw_tp
 from bpftune.log import log
 from bpftune.memory import total_ram_bytes
@@ -180,8 +180,10 @@ class NetBufferTuner(Tuner):
     # Tunables (all global: the queues and budgets are per CPU, not per namespace); the
     # attribute names are the TUNABLE_* ids in bpf/net_buffer.bpf.c.
     MAX_BACKLOG = Tunable("net.core.netdev_max_backlog", ceiling=_backlog_ceiling)
+    # A hex cpumask; BPF sees the first 63 CPUs' bits as a number.
     FLOW_LIMIT_CPU_BITMAP = Tunable("net.core.flow_limit_cpu_bitmap", string=True,
-                                    ceiling=_all_cpus)
+                                    ceiling=_all_cpus,
+                                    as_number=lambda t: parse_cpumask(t) & ((1 << 63) - 1))
     BUDGET = Tunable("net.core.netdev_budget", ceiling=lambda: (BUDGET_CEILING,))
     BUDGET_USECS = Tunable("net.core.netdev_budget_usecs", ceiling=lambda: (USECS_CAP,))
     # Also tcp_buffer's (it sets 1 near TCP memory exhaustion and undoes that): as upstream,
@@ -230,19 +232,6 @@ class NetBufferTuner(Tuner):
         self._enable_high_order_allocs()
         self.tick(time.monotonic())  # baselines, so the first tick can act
 
-    def publish_values(self, *tunables: Tunable) -> None:
-        """Also let the BPF program see the CPU bitmap (a string sysctl) as a number."""
-        super().publish_values(*tunables)
-        bitmap = self.FLOW_LIMIT_CPU_BITMAP
-        if self.bpf is None or (tunables and bitmap not in tunables):
-            return
-        try:
-            mask = parse_cpumask(self.engine.changes.read(bitmap)) & ((1 << 63) - 1)
-        except (SysctlError, ValueError):
-            return
-        table = self.bpf["tunable_values"]
-        table[table.Key(self.tunable_id(bitmap) * MAX_VALUES)] = table.Leaf(mask)
-
     # High-order allocations.
     def _enable_high_order_allocs(self) -> None:
         """Only at start: later a 1 is tcp_buffer's, set near TCP memory exhaustion (and
@@ -251,8 +240,7 @@ class NetBufferTuner(Tuner):
         tunable = self.HIGH_ORDER_ALLOC_DISABLE
         if kernel_version() < HIGH_ORDER_FIXED_IN:
             return
-        record = self.engine.changes.records.get((tunable.name, GLOBAL))
-        if record is not None and record.tuner != self.name:
+        if self.changed_by(tunable) not in (None, self.name):
             return
         try:
             (disabled,) = self.value(tunable)
@@ -300,8 +288,8 @@ class NetBufferTuner(Tuner):
     def _squeezed(self, wait: float | None, now: float) -> None:
         (budget,) = self.value(self.BUDGET)
         (usecs,) = self.value(self.BUDGET_USECS)
-        lr = self.engine.learning_rate
-        starving = self.engine.correlations[(self.name, self.BUDGET.name, GLOBAL)]
+        lr = self.learning_rate
+        starving = self.correlation(self.BUDGET.name, GLOBAL)
         if wait:  # x: the budget in effect while the wait share was measured
             starving.add(budget, wait)
         if starving.correlated():

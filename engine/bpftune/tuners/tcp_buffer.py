@@ -181,7 +181,7 @@ class TcpBufferTuner(Tuner):
     def _grow_buffer(self, tunable: Tunable, event: Event) -> None:
         cookie = event.netns_cookie
         old, proposed = event.old_values(3), event.new_values(3)
-        latency = self.engine.correlations[(self.name, tunable.name, cookie)]
+        latency = self.correlation(tunable.name, cookie)
         latency.add(old[2], event.metric[0])
         if latency.correlated():
             self._shrink_for_latency(tunable, cookie, old)
@@ -199,7 +199,7 @@ class TcpBufferTuner(Tuner):
                         f"for full throughput.")
 
     def _shrink_for_latency(self, tunable: Tunable, cookie: int, old: tuple[int, ...]) -> None:
-        smaller = self.engine.learning_rate.shrink(old[2])
+        smaller = self.learning_rate.shrink(old[2])
         if smaller <= old[1]:
             return
         why = "correlation between buffer size increase and latency"
@@ -207,7 +207,7 @@ class TcpBufferTuner(Tuner):
                        due_to(why, tunable), expect=old):
             # Upstream keeps growing and shrinking in turn; we stop growth for a while and
             # start the correlation afresh.
-            self.engine.correlations[(self.name, tunable.name, cookie)].reset()
+            self.correlation(tunable.name, cookie).reset()
             self.growth_held_until[(tunable.name, cookie)] = time.monotonic() + LATENCY_HOLD_SECONDS
 
     # TCP memory.
@@ -231,7 +231,7 @@ class TcpBufferTuner(Tuner):
         backlog = self.MAX_SYN_BACKLOG
         if backlog not in undo:
             (current,) = self.value(backlog, cookie)
-            smaller = self.engine.learning_rate.shrink(current)
+            smaller = self.learning_rate.shrink(current)
             if smaller >= MIN_SYN_BACKLOG and self.change(
                     backlog, self.ENTER_LOW_MEMORY, cookie, (smaller,),
                     due_to("low memory conditions", backlog), expect=(current,)):
@@ -241,7 +241,7 @@ class TcpBufferTuner(Tuner):
         if not self.low_memory_undo:
             return
         (_, pressure, _) = self.value(self.MEM)
-        if self.engine.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure):
+        if self.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure):
             self.calm_ticks = 0
             return
         self.calm_ticks += 1
@@ -263,7 +263,7 @@ class TcpBufferTuner(Tuner):
     def _syn_flood(self, event: Event) -> None:
         cookie = event.netns_cookie
         (syncookies,) = self.value(self.SYNCOOKIES, cookie)
-        with self.engine.namespaces.entered(cookie):
+        with self.entered(cookie):
             counters = procnet.counters()
         if syncookies:
             self._check_syncookies(cookie, counters)
@@ -275,12 +275,12 @@ class TcpBufferTuner(Tuner):
                         f"'{tunable.name}' rather than increasing max SYN backlog")
             return
         self.syn_floods[cookie] = self.syn_floods.get(cookie, 0) + 1
-        accepted = self.engine.correlations[(self.name, "syn_flood", cookie)]
+        accepted = self.correlation("syn_flood", cookie)
         accepted.add(self.syn_floods[cookie], counters.get("Tcp:PassiveOpens", 0))
         backlog = self.MAX_SYN_BACKLOG
         (old,) = event.old_values(1)
         if len(accepted) > 10 and not accepted.correlated():
-            smaller = self.engine.learning_rate.shrink(old)
+            smaller = self.learning_rate.shrink(old)
             if smaller >= MIN_SYN_BACKLOG:
                 self.change(backlog, self.SYN_BACKLOG_DECREASE, cookie, (smaller,),
                             f"Due to SYN flood not correlated with TCP connection acceptance "

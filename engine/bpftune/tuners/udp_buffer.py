@@ -165,7 +165,7 @@ class UdpBufferTuner(Tuner):
     def _drop_rate(self, cookie: int) -> int:
         """Receive-buffer drops per 1000 datagrams delivered in the event's netns since the
         last look there (since boot the first time), logged as upstream does."""
-        with self.engine.namespaces.entered(cookie):
+        with self.entered(cookie):
             now = udp_counters()
         before = self.udp_seen.get(cookie, (0, 0))
         self.udp_seen[cookie] = now
@@ -177,7 +177,7 @@ class UdpBufferTuner(Tuner):
     def _memory_tight(self) -> bool:
         """UDP memory is nearly at udp_mem[0], where the kernel starts refusing it."""
         (limit, _, _) = self.value(self.UDP_MEM)
-        return self.engine.learning_rate.nearly_full(udp_memory_pages(), limit)
+        return self.learning_rate.nearly_full(udp_memory_pages(), limit)
 
     # UDP memory.
     def _udp_memory(self, event: Event) -> None:
@@ -205,7 +205,7 @@ class UdpBufferTuner(Tuner):
         self.shrunk_for_memory = True
         for tunable in (self.RMEM_MAX, self.RMEM_DEFAULT):
             (old,) = self.value(tunable)
-            smaller = max(self.engine.learning_rate.shrink(old), UDP_BUFFER_MIN)
+            smaller = max(self.learning_rate.shrink(old), UDP_BUFFER_MIN)
             if smaller < old:
                 self.change(tunable, self.NEED_DECREASE, 0, (smaller,),
                             change_line(why, tunable), expect=(old,))
