@@ -150,6 +150,25 @@ static __always_inline u64 current_netns_cookie(void)
 }
 #endif
 
+#ifdef OFF_PROTO_MEMORY_ALLOCATED
+/* A socket's protocol's memory in use and its sysctl_mem limits (tcp_mem, udp_mem: min
+ * pressure max, in pages); fields "sock.__sk_common.skc_prot", "proto.memory_allocated",
+ * "proto.sysctl_mem". False if the protocol does not account its memory. */
+static __always_inline bool proto_memory(void *sk, s64 *allocated, s64 *mem)
+{
+	void *prot = NULL, *allocated_ptr = NULL, *mem_ptr = NULL;
+
+	READ_AT(prot, sk, OFF_SK_PROT);
+	READ_AT(allocated_ptr, prot, OFF_PROTO_MEMORY_ALLOCATED);
+	READ_AT(mem_ptr, prot, OFF_PROTO_SYSCTL_MEM);
+	if (!allocated_ptr || !mem_ptr)
+		return false;
+	bpf_probe_read_kernel(allocated, sizeof(*allocated), allocated_ptr);
+	bpf_probe_read_kernel(mem, 3 * sizeof(*mem), mem_ptr);
+	return true;
+}
+#endif
+
 /* True if an event for this (netns, tunable) was sent less than RATE_LIMIT_NS ago;
  * otherwise records now as the last event time. */
 static __always_inline bool rate_limited(u64 cookie, u32 tunable_id)

@@ -44,16 +44,10 @@ static __always_inline u32 check_memory(s64 allocated, s64 *mem)
 
 static __always_inline u32 check_socket_memory(void *sk)
 {
-	void *prot = NULL, *allocated_ptr = NULL, *mem_ptr = NULL;
 	s64 allocated = 0, mem[3] = {};
 
-	READ_AT(prot, sk, OFF_SK_PROT);
-	READ_AT(allocated_ptr, prot, OFF_PROTO_MEMORY_ALLOCATED);
-	READ_AT(mem_ptr, prot, OFF_PROTO_SYSCTL_MEM);
-	if (!allocated_ptr || !mem_ptr)
+	if (!proto_memory(sk, &allocated, mem))
 		return MEM_NORMAL;
-	bpf_probe_read_kernel(&allocated, sizeof(allocated), allocated_ptr);
-	bpf_probe_read_kernel(mem, sizeof(mem), mem_ptr);
 	return check_memory(allocated, mem);
 }
 

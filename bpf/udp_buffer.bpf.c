@@ -56,17 +56,11 @@ static __always_inline void receive_buffer_full(void *sk)
  * grown; userspace keeps each one that is at its ceiling as it is. */
 static __always_inline void udp_memory_full(void *sk)
 {
-	void *prot = NULL, *allocated_ptr = NULL, *mem_ptr = NULL;
 	s64 allocated = 0, mem[3] = {}, new[3];
 	u32 scenario;
 
-	READ_AT(prot, sk, OFF_SK_PROT);
-	READ_AT(allocated_ptr, prot, OFF_PROTO_MEMORY_ALLOCATED);
-	READ_AT(mem_ptr, prot, OFF_PROTO_SYSCTL_MEM);
-	if (!allocated_ptr || !mem_ptr)
+	if (!proto_memory(sk, &allocated, mem))
 		return;
-	bpf_probe_read_kernel(&allocated, sizeof(allocated), allocated_ptr);
-	bpf_probe_read_kernel(mem, sizeof(mem), mem_ptr);
 	if (NEARLY_FULL(allocated, mem[2]))
 		scenario = SCENARIO_MEM_EXHAUSTION;
 	else if (NEARLY_FULL(allocated, mem[0]))
