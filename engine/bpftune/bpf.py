@@ -27,6 +27,13 @@ COMMON_FIELDS = {
     "OFF_SK_NET": Field("sock.__sk_common.skc_net", 8),
     "OFF_NET_COOKIE": Field("net.net_cookie", 8),
 }
+#: What proto_memory() in the shared header reads: tuners that compare a protocol's memory
+#: with its limits (tcp_mem, udp_mem) add these to their fields.
+PROTO_MEMORY_FIELDS = {
+    "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
+    "OFF_PROTO_MEMORY_ALLOCATED": Field("proto.memory_allocated", 8),
+    "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
+}
 SHARED_HEADER = "bpftune.bpf.h"
 BPF_F_ALLOW_MULTI = 2
 BPF_PROG_TYPE_CGROUP_SYSCTL = 23  # BCC 0.26 has no name for it

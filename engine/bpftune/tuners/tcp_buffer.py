@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, ClassVar
 
 from bpftune import procnet
+from bpftune.bpf import PROTO_MEMORY_FIELDS
 from bpftune.btf import Field
 from bpftune.changes import due_to
 from bpftune.events import Event
@@ -69,7 +70,7 @@ class TcpBufferTuner(Tuner):
         Watch("SYN queue overflow", (tp("tcp/tcp_retransmit_synack"),)),
     )
     fields: ClassVar[dict[str, Field]] = {
-        "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
+        **PROTO_MEMORY_FIELDS,
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),
         # A 4-bit bitfield before Linux 6.9, a byte since: READ_FIELD reads both.
@@ -77,8 +78,6 @@ class TcpBufferTuner(Tuner):
         "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
         "OFF_SK_TYPE": Field("sock.sk_type", 2),
         "OFF_SK_MAX_ACK_BACKLOG": Field("sock.sk_max_ack_backlog", 4),
-        "OFF_PROTO_MEMORY_ALLOCATED": Field("proto.memory_allocated", 8),
-        "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
         "OFF_NET_TCP_RMEM": Field("net.ipv4.sysctl_tcp_rmem", 12),
         "OFF_NET_TCP_WMEM": Field("net.ipv4.sysctl_tcp_wmem", 12),
         "OFF_NET_MAX_SYN_BACKLOG": Field("net.ipv4.sysctl_max_syn_backlog", 4),

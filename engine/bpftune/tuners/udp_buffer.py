@@ -16,6 +16,7 @@ import contextlib
 from typing import TYPE_CHECKING, ClassVar
 
 from bpftune import procnet
+from bpftune.bpf import PROTO_MEMORY_FIELDS
 from bpftune.btf import Field
 from bpftune.changes import due_to, limit_growth
 from bpftune.events import Event
@@ -89,13 +90,11 @@ class UdpBufferTuner(Tuner):
                raw_tp("kfree_skb")), optional=True),
     )
     fields: ClassVar[dict[str, Field]] = {
-        "OFF_SK_PROT": Field("sock.__sk_common.skc_prot", 8),
+        **PROTO_MEMORY_FIELDS,
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         # A 4-bit bitfield before Linux 6.9, a byte since: READ_FIELD reads both.
         "OFF_SK_USERLOCKS": Field("sock.sk_userlocks", 1),
         "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
-        "OFF_PROTO_MEMORY_ALLOCATED": Field("proto.memory_allocated", 8),
-        "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
     }
     constants: ClassVar[dict[str, tuple[str, str]]] = {
         "DROP_PROTO_MEM": ("skb_drop_reason", "SKB_DROP_REASON_PROTO_MEM"),
