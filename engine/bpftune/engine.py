@@ -219,7 +219,7 @@ class Engine:
             if tuner.acts_in_netns:
                 # Only namespaces bpftune can enter are acted on, and those are forgotten
                 # when they are destroyed: no per-namespace state for others.
-                self.namespaces.ensure(event.netns_cookie)
+                self.namespaces.ensure(event.netns_cookie, event.pid)
             tuner.handle(event)
         except NetnsError as e:  # the namespace went away while we acted on it
             log.debug(f"{tuner.name}: {e}")

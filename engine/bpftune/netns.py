@@ -200,12 +200,18 @@ class Namespaces:
         if it was not known before."""
         return next(iter(self._scan([path], fresh=True)), None)
 
-    def ensure(self, cookie: int) -> None:
+    def ensure(self, cookie: int, pid: int = 0) -> None:
         """Make sure the namespace ``cookie`` is registered (and so forgotten when it is
-        destroyed); NetnsError if it cannot be found."""
-        if not self.is_global(cookie):
-            with self._lock:
-                self._valid_ref(cookie)
+        destroyed); NetnsError if it cannot be found. ``pid``, the process an event came
+        from, is looked at first: a namespace just created is found there at once, while a
+        full scan may have run less than a second ago (and an event from a hook that fires
+        only once, such as tcp_rcvbuf_grow, would then be lost for good)."""
+        if self.is_global(cookie):
+            return
+        if pid > 0 and cookie not in self._by_cookie and self.add(cookie, pid) is not None:
+            return
+        with self._lock:
+            self._valid_ref(cookie)
 
     def known_at(self, path: str) -> bool:
         """Whether ``path`` is a namespace already known (under another path, perhaps)."""
