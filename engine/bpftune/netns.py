@@ -208,9 +208,11 @@ class Namespaces:
         only once, such as tcp_rcvbuf_grow, would then be lost for good)."""
         if self.is_global(cookie):
             return
-        if pid > 0 and cookie not in self._by_cookie and self.add(cookie, pid) is not None:
-            return
         with self._lock:
+            # Events from softirq context carry whichever process was interrupted: a miss
+            # there asks for no rescan.
+            if pid > 0 and cookie not in self._by_cookie and self._from_process(cookie, pid):
+                return
             self._valid_ref(cookie)
 
     def known_at(self, path: str) -> bool:
@@ -319,17 +321,23 @@ class Namespaces:
         """Register a namespace reported by BPF (creator ``pid``). If that process is gone
         already, ask for a rescan (``rescan_if_wanted``) instead of walking /proc now."""
         with self._lock:
-            if cookie in self._by_cookie:
-                return self._by_cookie[cookie]
+            ref = self._from_process(cookie, pid)
+            if ref is None:
+                self.rescan_wanted = True
+            return ref
+
+    def _from_process(self, cookie: int, pid: int) -> NetnsRef | None:
+        """The namespace ``cookie`` registered from ``/proc/<pid>/ns/net``, if that is it."""
+        if cookie in self._by_cookie:
+            return self._by_cookie[cookie]
+        ref = self._probe(f"/proc/{pid}/ns/net")
+        if ref is not None and ref.cookie != cookie:
+            self._forget_inodes()
             ref = self._probe(f"/proc/{pid}/ns/net")
-            if ref is not None and ref.cookie != cookie:
-                self._forget_inodes()
-                ref = self._probe(f"/proc/{pid}/ns/net")
-            if ref is not None and ref.cookie == cookie:
-                self._register(ref)
-                return ref
-            self.rescan_wanted = True
-            return None
+        if ref is not None and ref.cookie == cookie:
+            self._register(ref)
+            return ref
+        return None
 
     def _valid_ref(self, cookie: int) -> NetnsRef:
         ref = self._by_cookie.get(cookie)
