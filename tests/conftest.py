@@ -30,6 +30,14 @@ def hosts():
     h.destroy()
 
 
+@pytest.fixture(scope="session")
+def carried_state(tmp_path_factory):
+    """One state directory for every test that asks for it, in the order they run: each
+    daemon starts from the ledger the previous one left (as /var/lib/bpftune/ carries over
+    between runs on a real host)."""
+    return tmp_path_factory.mktemp("carried") / "state"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _machine_left_as_found():
     """Fail the run if any test leaves a sysctl bpftune manages changed (and put it back)."""

@@ -204,9 +204,12 @@ def managed_sysctls() -> list[str]:
 
 @contextlib.contextmanager
 def daemon(tmp_path: Path, *args: str, stderr: bool = True, prefix: list[str] | None = None,
-           restore: bool = True, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+           restore: bool = True, env: dict[str, str] | None = None,
+           state: Path | None = None) -> Iterator[Daemon]:
     """bpftune in the foreground, logging to stderr (-s) unless ``stderr`` is False.
 
+    Its state directory is ``tmp_path/state`` unless ``state`` names one (the
+    ``carried_state`` fixture: what earlier tests' daemons left, as on a real host).
     Whatever the daemon changes in the global netns is put back afterwards, so that a test
     that runs it without -R (or kills it) leaves the machine as it found it; ``restore=False``
     for a test that checks what is left behind (and puts it back itself)."""
@@ -215,7 +218,7 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True, prefix: list[str] | 
     for name in managed_sysctls():
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
             saved.remember(name)
-    d = Daemon(tmp_path / "state", *(["-s"] if stderr else []), *args,
+    d = Daemon(state or tmp_path / "state", *(["-s"] if stderr else []), *args,
                log_path=tmp_path / "bpftune.log", prefix=prefix, env=env)
     try:
         yield d
