@@ -7,10 +7,22 @@ import json
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
+from pyroute2 import NetNS
+from pyroute2 import netns as pyroute2_netns
 
-from helpers import Iperf, daemon, read_sysctl, recorded, values, wait_until, write_sysctl
+from helpers import (
+    Iperf,
+    daemon,
+    netns_cookie,
+    read_sysctl,
+    recorded,
+    values,
+    wait_until,
+    write_sysctl,
+)
 from test_tcp_buffer import RMEM, WMEM, squeeze_buffers
 
 
@@ -143,3 +155,64 @@ def test_an_administrator_taking_one_tunable_leaves_the_others_to_roll_back(tmp_
     assert values(read_sysctl(RMEM)) == squeezed[None][RMEM]
     assert values(read_sysctl(RMEM, hosts.ns)) == squeezed[hosts.ns][RMEM]
     assert read_sysctl("net.ipv4.tcp_moderate_rcvbuf") == "0"
+
+
+@contextlib.contextmanager
+def loopback_namespace(name: str):
+    """A namespace with only loopback, for traffic inside it; deleted on exit if the test
+    has not deleted it already."""
+    pyroute2_netns.create(name)
+    try:
+        with NetNS(name) as nsr:
+            (lo,) = nsr.link_lookup(ifname="lo")
+            nsr.link("set", index=lo, state="up")
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            pyroute2_netns.remove(name)
+
+
+def grow_rmem_in(ns: str | None, port: int, squeezed: list[int]) -> None:
+    iperf = Iperf(ns, "127.0.0.1", port=port)
+    try:
+        iperf.run(ns, seconds=2)
+    finally:
+        iperf.stop()
+    assert wait_until(lambda: values(read_sysctl(RMEM, ns))[2] > squeezed[2]), ns
+
+
+def test_summary_tells_this_runs_changes_from_what_earlier_runs_left(tmp_path, sysctls, hosts,
+                                                                     carried_state):
+    """A first run tunes three namespaces and exits without -R, so its changes stay. One
+    namespace is deleted before the second run, one while it runs. The second run tunes
+    the global netns: its summary names that as its change, what the first run left in the
+    namespace still there as a leftover, and nothing about the namespaces that are gone."""
+    tag = uuid.uuid4().hex[:6]
+    with loopback_namespace(f"bpftune-before-{tag}") as gone_before, \
+            loopback_namespace(f"bpftune-during-{tag}") as gone_during:
+        spaces = (hosts.ns, gone_before, gone_during)
+        squeezed = {ns: squeeze_buffers(sysctls, ns)[RMEM] for ns in (None, *spaces)}
+        cookies = {ns: netns_cookie(ns) for ns in spaces}
+        with daemon(tmp_path / "first", state=carried_state) as first:
+            for port, ns in enumerate(spaces, start=5301):
+                grow_rmem_in(ns, port, squeezed[ns])
+            first.stop()
+        left = read_sysctl(RMEM, hosts.ns)
+        pyroute2_netns.remove(gone_before)
+        with daemon(tmp_path / "second", state=carried_state) as second:
+            second.wait_for(rf"left sysctl '{RMEM}' changed in netns cookie "
+                            rf"{cookies[gone_during]}")
+            pyroute2_netns.remove(gone_during)
+            grow_rmem_in(None, 5300, squeezed[None])
+            time.sleep(2)  # the daemon sees the namespace go
+            second.stop()
+    summary = second.log[second.log.index("# Summary"):]
+    assert (f"# sysctl '{RMEM}' changed from ({' '.join(map(str, squeezed[None]))}) -> ("
+            in summary), summary
+    assert (f"# sysctl '{RMEM}' was left changed by an earlier run (pid {first.proc.pid}) "
+            f"from ({' '.join(map(str, squeezed[hosts.ns]))}) -> ({left}) in netns cookie "
+            f"{cookies[hosts.ns]}\n" in summary), summary
+    this_run = [line for line in summary.splitlines() if "' changed from (" in line]
+    assert not [line for line in this_run if line.endswith(f"cookie {cookies[hosts.ns]}")]
+    for ns in (gone_before, gone_during):
+        assert f"netns cookie {cookies[ns]}" not in summary, (ns, summary)

@@ -373,6 +373,7 @@ def test_leaving_low_memory_undoes_only_what_entering_did(tuned, counters, monke
     assert entered["net.core.high_order_alloc_disable"] == (1,)
     assert entered[BACKLOG] == (768,)
     monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 0)
+    monkeypatch.setattr(procnet, "tcp_under_memory_pressure", lambda: False)
     for now in range(tcp_buffer.CALM_TICKS - 1):
         tuner.tick(float(now))
     assert {n: kernel.value(n, GLOBAL) for n in entered} == entered  # not calm long enough
@@ -382,3 +383,21 @@ def test_leaving_low_memory_undoes_only_what_entering_did(tuned, counters, monke
     assert kernel.value("net.ipv4.tcp_no_ssthresh_metrics_save", GLOBAL) == (1,)
     assert kernel.value(BACKLOG, GLOBAL) == (1024,)
     assert counted(changes, T.LEAVE_LOW_MEMORY) == 3
+
+
+def test_low_memory_lasts_while_the_kernel_reports_memory_pressure(tuned, counters,
+                                                                    monkeypatch):
+    """tcp_mem grown under a load leaves use below the new pressure value though the load
+    goes on: the settings stay while the kernel keeps TCP in memory-pressure mode."""
+    tuner, _, kernel = tuned(SYN)
+    exhaust_memory(tuner)
+    assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (1,)
+    monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 0)
+    monkeypatch.setattr(procnet, "tcp_under_memory_pressure", lambda: True)
+    for now in range(3 * tcp_buffer.CALM_TICKS):
+        tuner.tick(float(now))
+    assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (1,)
+    monkeypatch.setattr(procnet, "tcp_under_memory_pressure", lambda: False)
+    for now in range(tcp_buffer.CALM_TICKS):
+        tuner.tick(float(now))
+    assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (0,)

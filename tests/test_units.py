@@ -10,7 +10,7 @@ import pytest
 from test_tcp_buffer_logic import Kernel, fake_ram
 
 from bpftune.btf import Btf, BtfError, Field, Location, offset_defines
-from bpftune.changes import Changes, StateFile, limit_growth, ordered
+from bpftune.changes import Changes, StateFile, ordered, within_ceiling
 from bpftune.correlation import MIN_SAMPLES, Correlation
 from bpftune.events import Event
 from bpftune.hooks import PlanError, Watch, fentry, make_plan, raw_tp, tp
@@ -78,12 +78,12 @@ def test_correlation_negative_and_window_forgets_old_samples():
     assert len(c) == 0
 
 
-def test_growth_is_capped_at_ceiling_but_never_forced_down():
-    assert limit_growth((10, 20, 30), (10, 20, 50), (100, 100, 40)) == (10, 20, 40)
-    # already above the ceiling (an administrator's choice): no growth, no cut
-    assert limit_growth((10, 20, 60), (10, 20, 75), (100, 100, 40)) == (10, 20, 60)
-    # decreases pass untouched
-    assert limit_growth((10, 20, 60), (10, 20, 45), (100, 100, 40)) == (10, 20, 45)
+def test_every_value_written_is_within_its_ceiling():
+    assert within_ceiling((10, 20, 50), (100, 100, 40)) == (10, 20, 40)
+    # already above the ceiling (tcp_mem max 2e9): what bpftune writes is cut to it
+    assert within_ceiling((12, 25, 2_500_000_000), (100, 100, 40)) == (12, 25, 40)
+    # decreases below the ceiling pass untouched
+    assert within_ceiling((10, 20, 35), (100, 100, 40)) == (10, 20, 35)
 
 
 def test_three_value_tunables_stay_ordered():
@@ -119,10 +119,13 @@ def test_one_socket_buffer_never_grows_past_1_32nd_of_ram(ram, name):
     apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 16 * MiB)})
     assert apply(name, (4 * KiB, 128 * KiB, TiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
     assert apply(name, (4 * KiB, 128 * KiB, 40 * MiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
-    # An administrator's larger value is neither grown nor cut; a decrease is not capped.
+    # A larger value found there is not grown: what bpftune writes is cut to the ceiling.
     apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 64 * MiB)})
-    assert apply(name, (4 * KiB, 128 * KiB, 80 * MiB)) == (4 * KiB, 128 * KiB, 64 * MiB)
-    assert apply(name, (4 * KiB, 128 * KiB, 48 * MiB)) == (4 * KiB, 128 * KiB, 48 * MiB)
+    assert apply(name, (4 * KiB, 128 * KiB, 80 * MiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
+    apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 64 * MiB)})
+    assert apply(name, (4 * KiB, 128 * KiB, 48 * MiB)) == (4 * KiB, 128 * KiB, 32 * MiB)
+    # A decrease below the ceiling passes untouched.
+    assert apply(name, (4 * KiB, 128 * KiB, 24 * MiB)) == (4 * KiB, 128 * KiB, 24 * MiB)
     # Just under the ceiling, a small step still reaches it exactly.
     apply = ram(1 * GiB, {name: (4 * KiB, 128 * KiB, 32 * MiB - 1)})
     assert apply(name, (4 * KiB, 128 * KiB, 32 * MiB + 1)) == (4 * KiB, 128 * KiB, 32 * MiB)

@@ -39,12 +39,12 @@ def due_to(why: str, tunable: Tunable) -> str:
     return f"Due to {why} change {tunable.name}{labels} from ({{old}}) -> ({{new}})"
 
 
-def limit_growth(old: tuple[int, ...], new: tuple[int, ...],
-                 ceiling: tuple[int, ...]) -> tuple[int, ...]:
-    """Cap every increase at its ceiling; never raise a value already above it, never block
-    a decrease."""
-    return tuple(min(n, max(c, o)) if n > o else n
-                 for o, n, c in zip(old, new, ceiling, strict=True))
+def within_ceiling(new: tuple[int, ...], ceiling: tuple[int, ...]) -> tuple[int, ...]:
+    """Every value bpftune writes is at most its ceiling, including one it found above it
+    and did not mean to move: a tcp_mem max of 2e9 pages stays no more than the proposal
+    to grow it does. (Before issue 10 such a value was kept; upstream pulls the tcp_mem
+    max down to its RAM-based limit too.)"""
+    return tuple(min(n, c) for n, c in zip(new, ceiling, strict=True))
 
 
 def ordered(values: tuple[int, ...]) -> bool:
@@ -108,6 +108,14 @@ def crash_point(name: str) -> None:
 
 
 _crash_counts: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A change an earlier run left, as this run adopted it."""
+
+    pid: int | None
+    value: Value  # what that run had set
 
 
 @dataclass
@@ -214,6 +222,10 @@ class Changes:
         self.departed_counts: Counter[tuple[str, str, int]] = Counter()
         #: (tuner, cookie) handed to an administrator -> when (time.monotonic())
         self.manual: dict[tuple[str, int], float] = {}
+        #: Ledger keys adopted from an earlier run, and what that run had set.
+        self.leftovers: dict[tuple[str, int], Leftover] = {}
+        #: Ledger keys this run changed, and their value before its first change.
+        self.run_start: dict[tuple[str, int], Value] = {}
 
     def ledger_cookie(self, tunable: Tunable, cookie: int) -> int:
         if not tunable.namespaced or self.namespaces.is_global(cookie):
@@ -269,7 +281,7 @@ class Changes:
                       f"({format_value(expect)} is now {format_value(old)})")
             return False
         if not isinstance(new, str):
-            new = limit_growth(old, new, tunable.limits())
+            new = self._within_ceiling(tuner, tunable, old, new)
             if len(new) == 3 and not ordered(new):
                 log.debug(f"{tuner.name}: refusing out-of-order '{tunable.name}' {new}")
                 return False
@@ -299,6 +311,7 @@ class Changes:
         changed = readback != old
         record.intended = None
         if changed:
+            self.run_start.setdefault(record.key, old)
             record.current = _as_record_value(readback)
             record.changes += 1
             record.last_change = time.time()
@@ -309,6 +322,15 @@ class Changes:
             self._log_change(tuner, tunable, scenario, where)
             log.notice(reason.format(old=format_value(old), new=format_value(readback)))
         return changed
+
+    @staticmethod
+    def _within_ceiling(tuner: Tuner, tunable: Tunable, old: Value, new: Value) -> Value:
+        ceiling = tunable.limits()
+        capped = within_ceiling(new, ceiling)
+        if any(c < min(o, n) for o, n, c in zip(old, new, capped, strict=True)):
+            log.notice(f"{tuner.name}: '{tunable.name}' ({format_value(old)}) is above its "
+                       f"ceiling ({format_value(ceiling)}): writing at most the ceiling")
+        return capped
 
     def _journal(self, record: Record) -> bool:
         try:
@@ -366,6 +388,8 @@ class Changes:
         scenario counts live on, folded, in ``departed_counts``."""
         for key in [k for k in self.records if k[1] == cookie]:
             del self.records[key]
+            self.leftovers.pop(key, None)
+            self.run_start.pop(key, None)
             with contextlib.suppress(OSError):
                 self.state.append({"forget": list(key)}, self.records)
         for key in [k for k in self.scenario_counts if k[3] == cookie]:
@@ -399,16 +423,29 @@ class Changes:
             lines.append(f"# Summary: scenario '{s.name}' occurred {n} times for tunable "
                          f"'{tunable}' in {ns}global ns. {s.description}")
         for r in self.records.values():
-            if r.tuner != tuner.name or r.original == r.current:
-                continue
-            suffix = "" if r.cookie == GLOBAL else f" in {r.where}"
-            lines += [
-                f"# sysctl '{r.tunable}' changed from ({format_value(_as_value(r.original))}) "
-                f"-> ({format_value(_as_value(r.current))}){suffix}",
-                "# To replicate this change on another system, run the following as a "
-                "privileged user in a terminal:",
-                *from_spec(r.access).replicate(r.tunable, _as_value(r.current)),
-            ]
+            if r.tuner == tuner.name and self.namespaces.tracked(r.cookie):
+                lines += self._record_summary(r)
+        return lines
+
+    def _record_summary(self, r: Record) -> list[str]:
+        """This run's change of a tunable (upstream's lines), and apart from it what an
+        earlier run left changed (upstream, with no ledger across runs, reports neither)."""
+        current = _as_value(r.current)
+        suffix = "" if r.cookie == GLOBAL else f" in {r.where}"
+        lines = []
+        left = self.leftovers.get(r.key)
+        if left is not None:
+            lines.append(f"# sysctl '{r.tunable}' was left changed by an earlier run (pid "
+                         f"{left.pid}) from ({format_value(_as_value(r.original))}) -> "
+                         f"({format_value(left.value)}){suffix}")
+        start = self.run_start.get(r.key)
+        if start is not None and start != current:
+            lines.append(f"# sysctl '{r.tunable}' changed from ({format_value(start)}) -> "
+                         f"({format_value(current)}){suffix}")
+        if lines and current != _as_value(r.original):
+            lines += ["# To replicate this change on another system, run the following as "
+                      "a privileged user in a terminal:",
+                      *from_spec(r.access).replicate(r.tunable, current)]
         return lines
 
     def rollback(self, tuner_name: str | None = None) -> None:
@@ -427,6 +464,8 @@ class Changes:
                 log.err(f"cannot roll back '{r.tunable}' in {r.where}: {e}")
                 continue
             del self.records[key]
+            self.leftovers.pop(key, None)
+            self.run_start.pop(key, None)
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -465,6 +504,7 @@ class Changes:
             for r in left.records:
                 if self._adoptable(r, left.pid):
                     self.records[r.key] = r
+                    self.leftovers[r.key] = Leftover(left.pid, _as_value(r.current))
         self._rewrite()
 
     def _adoptable(self, r: Record, pid: int | None) -> bool:

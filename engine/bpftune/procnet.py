@@ -28,3 +28,16 @@ def tcp_memory_pages() -> int:
                 words = line.split()
                 return int(words[words.index("mem") + 1])
     return 0
+
+
+def tcp_under_memory_pressure() -> bool:
+    """Whether the kernel has TCP in memory-pressure mode (the ``press`` column of
+    /proc/net/protocols): entered above tcp_mem's pressure value, left only once use is
+    back below its min, so it does not clear because the limits were raised."""
+    with open("/proc/net/protocols") as f:
+        header = f.readline().split()
+        for line in f:
+            words = line.split()
+            if words and words[0] == "TCP":
+                return words[header.index("press")] == "yes"
+    return False

@@ -47,7 +47,7 @@ MIN_SYN_BACKLOG = 128
 SYN_BACKLOG_CEILING = 1 << 18
 SYNCOOKIE_FAILURES = 1024
 LATENCY_HOLD_SECONDS = 60  # after shrinking for latency, do not grow again this long
-CALM_TICKS = 5  # seconds of normal TCP memory before low-memory settings are undone
+CALM_TICKS = 5  # seconds of eased TCP memory before low-memory settings are undone
 
 
 class TcpBufferTuner(Tuner):
@@ -239,13 +239,26 @@ class TcpBufferTuner(Tuner):
     def tick(self, now: float) -> None:
         if not self.low_memory_undo:
             return
-        (_, pressure, _) = self.value(self.MEM)
-        if self.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure):
+        if self._memory_eased():
+            self.calm_ticks += 1
+            if self.calm_ticks >= CALM_TICKS:
+                self._leave_low_memory()
+        else:
             self.calm_ticks = 0
-            return
-        self.calm_ticks += 1
-        if self.calm_ticks >= CALM_TICKS:
-            self._leave_low_memory()
+
+    def _memory_eased(self) -> bool:
+        """Whether TCP memory strain has eased: the kernel has left memory-pressure mode
+        (it does so only once use is back below tcp_mem's min) and use is not near the
+        pressure value.
+
+        Upstream (and bpftune before issue 10) judges only by use against the current
+        tcp_mem, which growing tcp_mem brings below pressure under an unchanged load: with
+        tcp_mem at 20 50 50 and 100 streams, the settings were undone and made again while
+        the streams still ran."""
+        if procnet.tcp_under_memory_pressure():
+            return False
+        (_, pressure, _) = self.value(self.MEM)
+        return not self.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure)
 
     def _leave_low_memory(self) -> None:
         """Undo what entering low memory did (upstream undoes whatever the cached values say,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 from bpftune import procnet
 from bpftune.bpf import PROTO_MEMORY_FIELDS
 from bpftune.btf import Field
-from bpftune.changes import due_to, limit_growth
+from bpftune.changes import due_to, within_ceiling
 from bpftune.events import Event
 from bpftune.hooks import Watch, raw_tp
 from bpftune.log import log
@@ -185,10 +185,10 @@ class UdpBufferTuner(Tuner):
             return  # stale: an earlier event already changed it
         exhaustion = self.scenarios[event.scenario_id] == self.MEM_EXHAUSTION
         why = "near memory exhaustion" if exhaustion else "near memory pressure"
-        # Upstream writes 0 for the values it does not grow; the change path keeps each value
-        # at its ceiling as it is. Only udp_mem[0] relieves UDP's drops (see the BPF side),
-        # so when it cannot grow, growing the others would change nothing.
-        if limit_growth(old, proposed, self.UDP_MEM.limits())[0] > old[0]:
+        # Upstream writes 0 for the values it does not grow; the change path caps each value
+        # at its ceiling. Only udp_mem[0] relieves UDP's drops (see the BPF side), so when
+        # it cannot grow, growing the others would change nothing.
+        if within_ceiling(proposed, self.UDP_MEM.limits())[0] > old[0]:
             self.change(self.UDP_MEM, event.scenario_id, 0, proposed, due_to(why, self.UDP_MEM),
                         expect=old)
         else:
