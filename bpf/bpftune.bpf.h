@@ -85,11 +85,11 @@ BPF_TABLE("extern", int, u64, bpftune_dropped, 2);
 		dst = ((u64)(dst) >> SHIFT_##X) & MASK_##X;			\
 	} while (0)
 
-/* Hot hooks look at one call in SAMPLE_EVERY (per CPU, per slot: each hook of a program
- * has its own slot, so one busy hook does not decide which calls of another are seen). A
- * connection that fills its buffer keeps doing so, so little is missed. */
-#define SAMPLE_EVERY 16
-#define SAMPLE_SLOTS 4
+/* Hot hooks look at one call in SAMPLE_EVERY (per CPU, per slot: each watch of a program
+ * has its own slot, SAMPLE_<NAME> from the tuner's declarations, so one busy hook does not
+ * decide which calls of another are seen). A connection that fills its buffer keeps doing
+ * so, so little is missed. The engine reports the counts at exit, and passes SAMPLE_EVERY
+ * and SAMPLE_SLOTS (bpftune.hooks). */
 BPF_PERCPU_ARRAY(bpftune_samples, u64, SAMPLE_SLOTS);
 
 static __always_inline bool sampled_in(int slot)
@@ -219,9 +219,15 @@ static __always_inline bool over_budget(struct rate_window *w, u64 limit)
 	return __sync_fetch_and_add(&w->count, 1) >= limit;
 }
 
+/* The process an event comes from, for the engine to find a new namespace at. Programs with
+ * no current task (sockops) pass NO_PID. */
+#define CURRENT_PID ((s32)(bpf_get_current_pid_tgid() >> 32))
+#define NO_PID 0
+
 /* Propose changing a tunable from old to new values in a netns; rate limited. */
-static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunable_id,
-					     s64 *old, s64 *new, int nvalues, s64 metric)
+static __always_inline int send_sysctl_event_from(s32 pid, u64 cookie, u32 scenario,
+						  u32 tunable_id, s64 *old, s64 *new,
+						  int nvalues, s64 metric)
 {
 	struct bpftune_event ev = {};
 
@@ -230,7 +236,7 @@ static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunab
 	ev.tuner_id = TUNER_ID;
 	ev.scenario_id = scenario;
 	ev.netns_cookie = cookie;
-	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	ev.pid = pid;
 	ev.tunable_id = tunable_id;
 #pragma unroll
 	for (int i = 0; i < BPFTUNE_MAX_VALUES; i++) {
@@ -242,5 +248,12 @@ static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunab
 	ev.metric[0] = metric;
 	submit_event(&ev);
 	return 1;
+}
+
+static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunable_id,
+					     s64 *old, s64 *new, int nvalues, s64 metric)
+{
+	return send_sysctl_event_from(CURRENT_PID, cookie, scenario, tunable_id, old, new,
+				      nvalues, metric);
 }
 #endif /* BPFTUNE_CORE */

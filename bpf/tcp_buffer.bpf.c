@@ -5,13 +5,12 @@
  *
  * Each watch has several hooks (TcpBufferTuner.watches); the engine compiles this file with
  * HOOK_<KIND>_<target> defined for the one chosen on this kernel. TUNABLE_* and SCENARIO_*
- * ids come from the Python declarations. Kernel struct fields are read at BTF-resolved
- * offsets.
+ * ids and SAMPLE_* slots come from the Python declarations. Kernel struct fields are read
+ * at BTF-resolved offsets. `pid` is the process events are sent from (NO_PID in sockops).
  */
 #include "bpftune.bpf.h"
 
 enum { MEM_NORMAL, MEM_NEAR_PRESSURE, MEM_NEAR_EXHAUSTION };
-enum { SAMPLE_RECEIVE, SAMPLE_SEND };	/* sampled_in() slots */
 
 #define SOCK_SNDBUF_LOCK 1
 #define SOCK_RCVBUF_LOCK 2
@@ -21,7 +20,7 @@ enum { SAMPLE_RECEIVE, SAMPLE_SEND };	/* sampled_in() slots */
 
 /* Compare TCP memory in use with tcp_mem (global, so reported for the global netns);
  * propose growing it when nearly at a limit. Userspace applies the RAM-based ceilings. */
-static __always_inline u32 check_memory(s64 allocated, s64 *mem)
+static __always_inline u32 check_memory(s32 pid, s64 allocated, s64 *mem)
 {
 	s64 new[3];
 
@@ -29,30 +28,33 @@ static __always_inline u32 check_memory(s64 allocated, s64 *mem)
 		new[0] = mem[0];
 		new[1] = mem[1];
 		new[2] = GROW(mem[2]);
-		send_sysctl_event(0, SCENARIO_MEM_EXHAUSTION, TUNABLE_MEM, mem, new, 3, allocated);
+		send_sysctl_event_from(pid, 0, SCENARIO_MEM_EXHAUSTION, TUNABLE_MEM, mem, new, 3,
+				       allocated);
 		return MEM_NEAR_EXHAUSTION;
 	}
 	if (NEARLY_FULL(allocated, mem[1])) {
 		new[0] = GROW(mem[0]);
 		new[1] = GROW(mem[1]);
 		new[2] = GROW(mem[2]);
-		send_sysctl_event(0, SCENARIO_MEM_PRESSURE, TUNABLE_MEM, mem, new, 3, allocated);
+		send_sysctl_event_from(pid, 0, SCENARIO_MEM_PRESSURE, TUNABLE_MEM, mem, new, 3,
+				       allocated);
 		return MEM_NEAR_PRESSURE;
 	}
 	return MEM_NORMAL;
 }
 
-static __always_inline u32 check_socket_memory(void *sk)
+static __always_inline u32 check_socket_memory(s32 pid, void *sk)
 {
 	s64 allocated = 0, mem[3] = {};
 
 	if (!proto_memory(sk, &allocated, mem))
 		return MEM_NORMAL;
-	return check_memory(allocated, mem);
+	return check_memory(pid, allocated, mem);
 }
 
 /* Propose a bigger max for tcp_rmem/tcp_wmem if this socket's buffer is nearly at it. */
-static __always_inline void check_buffer(void *sk, int buf, u32 tunable, u32 net_offset)
+static __always_inline void check_buffer(s32 pid, void *sk, int buf, u32 tunable,
+					 u32 net_offset)
 {
 	void *net = sk_net(sk);
 	int limits[3] = {};
@@ -67,58 +69,58 @@ static __always_inline void check_buffer(void *sk, int buf, u32 tunable, u32 net
 	old[1] = new[1] = limits[1];
 	old[2] = limits[2];
 	new[2] = GROW((s64)limits[2]);
-	send_sysctl_event(net_cookie(net), SCENARIO_NEED_INCREASE, tunable, old, new, 3,
-			  srtt_us >> 3);
+	send_sysctl_event_from(pid, net_cookie(net), SCENARIO_NEED_INCREASE, tunable, old, new,
+			       3, srtt_us >> 3);
 }
 
 /* A TCP socket's buffer may grow, unless the application set its size (SO_RCVBUF,
  * SO_SNDBUF lock it). */
-static __always_inline void check_growth(void *sk, u8 lock, int buf_offset, u32 tunable,
-					 u32 net_offset)
+static __always_inline void check_growth(s32 pid, void *sk, u8 lock, int buf_offset,
+					 u32 tunable, u32 net_offset)
 {
 	u8 userlocks = 0;
 	int buf = 0;
 
-	if (check_socket_memory(sk) != MEM_NORMAL)
+	if (check_socket_memory(pid, sk) != MEM_NORMAL)
 		return;
 	READ_FIELD(userlocks, sk, SK_USERLOCKS);
 	if (userlocks & lock)
 		return;
 	bpf_probe_read_kernel(&buf, sizeof(buf), sk + buf_offset);
-	check_buffer(sk, buf, tunable, net_offset);
+	check_buffer(pid, sk, buf, tunable, net_offset);
 }
 
-static __always_inline void receive_buffer_growth(void *sk)
+static __always_inline void receive_buffer_growth(s32 pid, void *sk)
 {
-	check_growth(sk, SOCK_RCVBUF_LOCK, OFF_SK_RCVBUF, TUNABLE_RMEM, OFF_NET_TCP_RMEM);
+	check_growth(pid, sk, SOCK_RCVBUF_LOCK, OFF_SK_RCVBUF, TUNABLE_RMEM, OFF_NET_TCP_RMEM);
 }
 
-static __always_inline void send_buffer_growth(void *sk)
+static __always_inline void send_buffer_growth(s32 pid, void *sk)
 {
-	check_growth(sk, SOCK_SNDBUF_LOCK, OFF_SK_SNDBUF, TUNABLE_WMEM, OFF_NET_TCP_WMEM);
+	check_growth(pid, sk, SOCK_SNDBUF_LOCK, OFF_SK_SNDBUF, TUNABLE_WMEM, OFF_NET_TCP_WMEM);
 }
 
 /* Receive buffer growth: the receiver read more than the buffer space it planned. */
 #ifdef HOOK_RAW_TP_tcp_rcvbuf_grow
 RAW_TRACEPOINT_PROBE(tcp_rcvbuf_grow)	/* (sk, time): only when it wants to grow */
 {
-	receive_buffer_growth((void *)ctx->args[0]);
+	receive_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
 	return 0;
 }
 #endif
 #ifdef HOOK_FENTRY_tcp_rcv_space_adjust
 KFUNC_PROBE(tcp_rcv_space_adjust, void *sk)	/* every read: sampled */
 {
-	if (sampled_in(SAMPLE_RECEIVE))
-		receive_buffer_growth(sk);
+	if (sampled_in(SAMPLE_RCV_SPACE))
+		receive_buffer_growth(CURRENT_PID, sk);
 	return 0;
 }
 #endif
 #ifdef HOOK_RAW_TP_tcp_rcv_space_adjust
 RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)	/* (sk), every read: sampled */
 {
-	if (sampled_in(SAMPLE_RECEIVE))
-		receive_buffer_growth((void *)ctx->args[0]);
+	if (sampled_in(SAMPLE_RCV_SPACE))
+		receive_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
 	return 0;
 }
 #endif
@@ -127,7 +129,7 @@ RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)	/* (sk), every read: sampled */
 #ifdef HOOK_FENTRY_tcp_sndbuf_expand
 KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf */
 {
-	send_buffer_growth(sk);
+	send_buffer_growth(CURRENT_PID, sk);
 	return 0;
 }
 #endif
@@ -137,21 +139,69 @@ RAW_TRACEPOINT_PROBE(sock_send_length)	/* (sk, ret, flags), every sendmsg: sampl
 	void *sk = (void *)ctx->args[0];
 	u16 protocol = 0, type = 0;
 
-	if ((int)ctx->args[1] <= 0 || !sampled_in(SAMPLE_SEND))
+	if ((int)ctx->args[1] <= 0 || !sampled_in(SAMPLE_SNDBUF))
 		return 0;
 	READ_AT(protocol, sk, OFF_SK_PROTOCOL);
 	READ_AT(type, sk, OFF_SK_TYPE);
 	if (protocol == PROTO_TCP && type == SOCK_STREAM_TYPE)	/* not raw IPPROTO_TCP */
-		send_buffer_growth(sk);
+		send_buffer_growth(CURRENT_PID, sk);
 	return 0;
 }
 #endif
 #ifdef HOOK_RAW_TP_tcp_probe
 RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb), every segment received: sampled */
 {
-	if (sampled_in(SAMPLE_SEND))
-		send_buffer_growth((void *)ctx->args[0]);
+	if (sampled_in(SAMPLE_SNDBUF))
+		send_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
 	return 0;
+}
+#endif
+
+/* Send buffers at connection setup: a connection that sends a few messages (a control
+ * connection) is rarely among the sampled sendmsg calls above, so every connection is also
+ * looked at once, after the kernel sized its send buffer (tcp_init_buffer_space grows it to
+ * what the congestion window needs, at most tcp_wmem[2]). The ESTABLISHED callbacks run in
+ * tcp_init_transfer just before that sizing, on both sides, so they ask for RTT callbacks
+ * instead; the first one (the connection's first data acknowledged) checks the buffer and
+ * stops them. Upstream hooks tcp_sndbuf_expand (fentry), whose entry sees the buffer before
+ * it is sized. Callback flags are one set per socket, shared with other sockops programs:
+ * the socket's storage remembers whether RTT callbacks were off before, so that only then
+ * they are turned off again. */
+#ifdef HOOK_SOCK_OPS_connection_setup
+BPF_SK_STORAGE(setup_pending, u32);	/* the callback flag to clear, or 0 */
+
+int connection_setup(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	u32 flags = skops->bpf_sock_ops_cb_flags;
+	u32 *clear;
+	void *tp;
+
+	if (!sk)
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		clear = setup_pending.sk_storage_get(sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!clear)
+			return 1;
+		*clear = flags & BPF_SOCK_OPS_RTT_CB_FLAG ? 0 : BPF_SOCK_OPS_RTT_CB_FLAG;
+		bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_RTT_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		clear = setup_pending.sk_storage_get(sk, NULL, 0);
+		if (!clear)
+			return 1;	/* checked already; another program wants RTTs */
+		if (*clear)
+			bpf_sock_ops_cb_flags_set(skops, flags & ~*clear);
+		setup_pending.sk_storage_delete(sk);
+		/* a kernel pointer, unlike skops->sk, allows reads at field offsets */
+		tp = bpf_skc_to_tcp_sock(sk);
+		if (tp)
+			send_buffer_growth(NO_PID, tp);
+		break;
+	}
+	return 1;
 }
 #endif
 
@@ -166,7 +216,7 @@ TRACEPOINT_PROBE(sock, sock_exceed_buf_limit)
 	mem[0] = args->sysctl_mem[0];
 	mem[1] = args->sysctl_mem[1];
 	mem[2] = args->sysctl_mem[2];
-	check_memory(args->allocated, mem);
+	check_memory(CURRENT_PID, args->allocated, mem);
 	return 0;
 }
 #endif

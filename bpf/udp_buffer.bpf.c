@@ -5,12 +5,11 @@
  * per (netns, tunable) per 25 ms.
  *
  * UdpBufferTuner.watches says which hook serves each watch on this kernel (HOOK_* defines);
- * TUNABLE_* and SCENARIO_* ids come from the Python declarations, DROP_PROTO_MEM from this
- * kernel's BTF. Kernel struct fields are read at BTF-resolved offsets.
+ * TUNABLE_* and SCENARIO_* ids and SAMPLE_* slots come from the Python declarations,
+ * DROP_PROTO_MEM from this kernel's BTF. Kernel struct fields are read at BTF-resolved
+ * offsets.
  */
 #include "bpftune.bpf.h"
-
-enum { SAMPLE_RCVBUF, SAMPLE_MEMORY };	/* sampled_in() slots */
 
 #define UDP_ENOMEM (-12)	/* the socket's receive buffer is full */
 #define UDP_ENOBUFS (-105)	/* UDP memory (udp_mem) refused the datagram */
@@ -83,9 +82,9 @@ RAW_TRACEPOINT_PROBE(udp_fail_queue_rcv_skb)	/* (rc, sk[, skb]) */
 
 	if (!sk)
 		return 0;
-	if (rc == UDP_ENOMEM && sampled_in(SAMPLE_RCVBUF))
+	if (rc == UDP_ENOMEM && sampled_in(SAMPLE_UDP_RCVBUF))
 		receive_buffer_full(sk);
-	else if (rc == UDP_ENOBUFS && sampled_in(SAMPLE_MEMORY))
+	else if (rc == UDP_ENOBUFS && sampled_in(SAMPLE_UDP_MEM))
 		udp_memory_full(sk);	/* before Linux 6.18 only: see below */
 	return 0;
 }
@@ -105,7 +104,7 @@ RAW_TRACEPOINT_PROBE(kfree_skb)	/* (skb, location, reason, sk) */
 		return 0;
 	READ_AT(protocol, sk, OFF_SK_PROTOCOL);
 	/* sampled after the protocol check, so TCP's drops do not use up UDP's samples */
-	if ((protocol == PROTO_UDP || protocol == PROTO_UDPLITE) && sampled_in(SAMPLE_MEMORY))
+	if ((protocol == PROTO_UDP || protocol == PROTO_UDPLITE) && sampled_in(SAMPLE_UDP_MEM))
 		udp_memory_full(sk);
 	return 0;
 }

@@ -41,7 +41,8 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "the CVE-2023-52340 fix)",
         "bpftune: sysctl: cgroup/sysctl",
         "bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, raw_tp/sock_send_length, "
-        "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack",
+        "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack, "
+        "sock_ops/connection_setup",
         "bpftune: udp_buffer: raw_tp/udp_fail_queue_rcv_skb, raw_tp/kfree_skb",
     ]
 

@@ -44,6 +44,7 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 # The hooks tcp_buffer and netns choose on each kernel, with fentry allowed (True) or not.
 TCP_BUFFER_TRACEPOINTS = ["tp/sock/sock_exceed_buf_limit", "tp/tcp/tcp_retransmit_synack"]
+TCP_BUFFER_SETUP = ["sock_ops/connection_setup"]  # every kernel: RTT callbacks since 5.3
 TCP_BUFFER_GROWTH = {
     ("6.1", True): ["fentry/tcp_rcv_space_adjust", "fentry/tcp_sndbuf_expand"],
     ("6.1", False): ["raw_tp/tcp_rcv_space_adjust", "raw_tp/tcp_probe"],
@@ -53,7 +54,7 @@ TCP_BUFFER_GROWTH = {
     ("6.18", False): ["raw_tp/tcp_rcvbuf_grow", "raw_tp/sock_send_length"],
 }
 EXPECTED_HOOKS = {
-    "tcp_buffer": {key: growth + TCP_BUFFER_TRACEPOINTS
+    "tcp_buffer": {key: growth + TCP_BUFFER_TRACEPOINTS + TCP_BUFFER_SETUP
                    for key, growth in TCP_BUFFER_GROWTH.items()},
     "netns": {(k, fentry): ["fexit/copy_net_ns" if fentry else "raw_tp/sched_process_fork"]
               for k in KERNELS for fentry in FENTRY},
@@ -173,6 +174,11 @@ def test_which_kernels_have_which_tracepoints(kernel):
     for always in ("tcp_rcv_space_adjust", "tcp_probe", "sched_process_fork",
                    "sock_exceed_buf_limit", "tcp_retransmit_synack"):
         assert btf.has_tracepoint(always), always
+    # What tcp_buffer's connection_setup (sockops) relies on.
+    for callback in ("BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB", "BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB",
+                     "BPF_SOCK_OPS_RTT_CB", "BPF_SOCK_OPS_RTT_CB_FLAG"):
+        assert btf.has_enumerator(callback), callback
+    assert not btf.has_enumerator("BPF_SOCK_OPS_NO_SUCH_CB")
 
 
 # b. Struct fields.
@@ -210,7 +216,10 @@ def compile_only(monkeypatch) -> None:
 
 
 def bcc_function(hook: Hook) -> str:
-    """The name BCC's *_PROBE macros give the program of ``hook``."""
+    """The name BCC's *_PROBE macros give the program of ``hook`` (a sock_ops hook names
+    its function)."""
+    if hook.kind == "sock_ops":
+        return hook.target
     prefix = {"fentry": "kfunc", "fexit": "kretfunc", "raw_tp": "raw_tracepoint",
               "tp": "tracepoint"}[hook.kind]
     return f"{prefix}__{hook.target.replace('/', '__')}"

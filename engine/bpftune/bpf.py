@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bpftune.btf import Btf, Field, offset_defines
 from bpftune.events import Event
+from bpftune.hooks import SAMPLE_EVERY, SAMPLE_SLOTS
 from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.netns import current_cookie
@@ -140,6 +141,8 @@ class Programs:
             f"-DLEARNING_SHIFT={self.learning_rate.shift}",
             f"-DBPFTUNE_PID={os.getpid()}",
             f"-DGLOBAL_NETNS_COOKIE={current_cookie()}ULL",
+            f"-DSAMPLE_EVERY={SAMPLE_EVERY}",
+            f"-DSAMPLE_SLOTS={SAMPLE_SLOTS}",
             *offset_defines(self.btf, COMMON_FIELDS | fields),
             *(defines or []),
         ]

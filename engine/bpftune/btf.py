@@ -162,6 +162,15 @@ class Btf:
     def has_function(self, name: str) -> bool:
         return ("FUNC", name) in self._named
 
+    @cached_property
+    def _enumerators(self) -> frozenset[str]:
+        """Every enumerator, anonymous enums' too (uapi's BPF_SOCK_OPS_* are in one)."""
+        return frozenset(v["name"] for t in self._types.values()
+                         if t["kind"] in ("ENUM", "ENUM64") for v in t.get("values", ()))
+
+    def has_enumerator(self, name: str) -> bool:
+        return name in self._enumerators
+
     def enum_value(self, enum: str, name: str) -> int | None:
         for kind in ("ENUM", "ENUM64"):
             t = self._named.get((kind, enum))

@@ -175,7 +175,7 @@ class Engine:
             return compile_with(fallback)
 
     def _attach_cgroup_programs(self, tuner: Tuner) -> None:
-        programs = tuner.cgroup_programs
+        programs = tuner.cgroup_attachments()
         if programs:
             self.cgroup.detach_stale([p.function for p in programs])  # a killed bpftune's
         for p in programs:
@@ -299,6 +299,11 @@ class Engine:
         """Summarize a tuner's work, roll it back with -R, unload it."""
         if tuner.state is not TunerState.ACTIVE:
             return
+        try:  # upstream's order: sample lines, the tuner's fini, then the summary
+            for line in tuner.sample_lines():
+                log.notice(line)
+        except Exception as e:
+            log.err(f"{tuner.name}: error reading samples: {e!r}")
         try:
             tuner.fini()
         except Exception as e:  # still summarize, roll back and unload
@@ -312,7 +317,7 @@ class Engine:
 
     def _unload_bpf(self, tuner: Tuner) -> None:
         if tuner.bpf is not None:
-            for p in tuner.cgroup_programs:
+            for p in tuner.cgroup_attachments():
                 self.cgroup.detach(tuner.bpf, p.function, p.kind)
             tuner.bpf.cleanup()
             tuner.bpf = None

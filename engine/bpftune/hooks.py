@@ -7,6 +7,13 @@ first hook of each watch that the kernel offers (from BTF) and the BPF features 
 probing, or for another kernel's BTF file from its enums), and compiles the tuner's BPF
 source with ``-DHOOK_<KIND>_<target>`` for each; the C file guards each hook's program with
 ``#ifdef``. A tuner without a hook for a required watch does not load, and says why.
+
+A hook that fires on every packet or system call is sampled: its program looks at one call
+in SAMPLE_EVERY (``sampled_in()`` in bpf/bpftune.bpf.h), counting the calls in its watch's
+slot (``SAMPLE_<NAME>``); the exit summary reports the counts, as upstream does.
+
+A ``sock_ops`` hook is a sockops program of the tuner's source, attached to the cgroup by
+the engine; it needs the BPF_SOCK_OPS_* callback named in ``needs``.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from dataclasses import dataclass, field
 
 #: Hook kinds, the BPF feature each needs (bpftune.support.FEATURES) and how -S names them.
 KINDS = {"fentry": "fentry", "fexit": "fentry", "raw_tp": "raw_tracepoints",
-         "tp": "tracepoints"}
+         "tp": "tracepoints", "sock_ops": "sockops"}
 #: Tests force the fallbacks of a kernel that lacks some hooks: comma-separated targets.
 AVOID_ENV = "BPFTUNE_AVOID_HOOKS"
+#: A sampled hook looks at one call in this many (a power of two), per CPU.
+SAMPLE_EVERY = 16
+#: Sample slots in each tuner's program (its bpftune_samples map).
+SAMPLE_SLOTS = 4
 
 
 class PlanError(Exception):
@@ -33,10 +44,16 @@ class NotNeeded(Exception):
 @dataclass(frozen=True)
 class Hook:
     kind: str  # a key of KINDS
-    target: str  # a function (fentry) or a tracepoint ("tcp_probe", "sock/sock_exceed_buf_limit")
+    #: A function (fentry), a tracepoint ("tcp_probe", "sock/sock_exceed_buf_limit"), or the
+    #: program's function in the tuner's source (sock_ops).
+    target: str
     #: A struct field whose presence in BTF means the kernel changed so that this hook no
     #: longer sees what the watch needs (e.g. "udp_sock.udp_prod_queue", Linux 6.18).
     unless: str = ""
+    #: Whether its program looks at only one call in SAMPLE_EVERY.
+    sampled: bool = False
+    #: An enumerator the kernel's BTF must have (sock_ops: the callback it relies on).
+    needs: str = ""
 
     @property
     def name(self) -> str:
@@ -53,25 +70,35 @@ class Hook:
     def offered_by(self, btf) -> bool:
         if self.unless and btf.has_field(self.unless):
             return False
+        if self.needs and not btf.has_enumerator(self.needs):
+            return False
+        if self.kind == "sock_ops":
+            return True  # the feature (sockops programs) is checked by make_plan
         if self.kind in ("fentry", "fexit"):
             return btf.has_function(self.name)
         return btf.has_tracepoint(self.name)
 
 
-def fentry(function: str) -> Hook:
-    return Hook("fentry", function)
+def fentry(function: str, *, sampled: bool = False) -> Hook:
+    return Hook("fentry", function, sampled=sampled)
 
 
 def fexit(function: str) -> Hook:
     return Hook("fexit", function)
 
 
-def raw_tp(tracepoint: str, unless: str = "") -> Hook:
-    return Hook("raw_tp", tracepoint, unless)
+def raw_tp(tracepoint: str, unless: str = "", *, sampled: bool = False) -> Hook:
+    return Hook("raw_tp", tracepoint, unless, sampled=sampled)
 
 
 def tp(tracepoint: str) -> Hook:
     return Hook("tp", tracepoint)
+
+
+def sock_ops(function: str, needs: str) -> Hook:
+    """The sockops program ``function``, which relies on the callback ``needs``
+    (e.g. "BPF_SOCK_OPS_RTT_CB", new in Linux 5.3)."""
+    return Hook("sock_ops", function, needs=needs)
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,14 @@ class Watch:
     hooks: tuple[Hook, ...]
     #: A tuner loads without an optional watch (and -S says what it then misses).
     optional: bool = False
+    #: The name of the sample its sampled hooks count calls in (upstream's style, as the
+    #: exit summary reports it, e.g. "rcv_space_sample"); the C source's slot is
+    #: SAMPLE_<NAME without "_sample">, e.g. SAMPLE_RCV_SPACE.
+    sample: str = ""
+
+    @property
+    def sample_define(self) -> str:
+        return "SAMPLE_" + self.sample.removesuffix("_sample").upper()
 
 
 @dataclass
@@ -96,6 +131,10 @@ class Plan:
 
     def uses_trampolines(self) -> bool:
         return any(KINDS[h.kind] == "fentry" for h in self.hooks.values())
+
+    def sock_ops_programs(self) -> list[str]:
+        """The functions of the chosen sock_ops hooks, for the engine to attach."""
+        return [h.target for h in self.hooks.values() if h.kind == "sock_ops"]
 
     def describe(self) -> str:
         names = [str(h) for h in self.hooks.values()] + [f"cgroup/{k}" for k in self.cgroup]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 from bpftune.access import SYSCTL, Access
 from bpftune.btf import Btf, BtfError, Field
 from bpftune.events import MAX_VALUES, payload_checks
-from bpftune.hooks import Plan, PlanError, Watch, make_plan
+from bpftune.hooks import SAMPLE_EVERY, SAMPLE_SLOTS, Plan, PlanError, Watch, make_plan
 from bpftune.sysctl import LONG_MAX, SysctlError, Value
 
 if TYPE_CHECKING:
@@ -160,6 +160,17 @@ class Tuner:
                 setattr(cls, f"_{attr}_keys", tuple(declared))
         if len(cls.tunables) > MAX_TUNABLES:
             raise TypeError(f"{cls.__name__}: more than {MAX_TUNABLES} tunables")
+        unnamed = [w.what for w in cls.watches if not w.sample
+                   and any(h.sampled for h in w.hooks)]
+        if unnamed:
+            raise TypeError(f"{cls.__name__}: sampled hooks of {unnamed} need a sample name")
+        if len(cls.sample_names()) > SAMPLE_SLOTS:
+            raise TypeError(f"{cls.__name__}: more than {SAMPLE_SLOTS} samples")
+
+    @classmethod
+    def sample_names(cls) -> list[str]:
+        """The watches' sample names; a sample's index is its slot in bpftune_samples."""
+        return list(dict.fromkeys(w.sample for w in cls.watches if w.sample))
 
     @classmethod
     def id_defines(cls) -> list[str]:
@@ -168,7 +179,9 @@ class Tuner:
         for attr, prefix in (("tunables", "TUNABLE"), ("scenarios", "SCENARIO")):
             keys = getattr(cls, f"_{attr}_keys", ())
             flags += [f"-D{prefix}_{key}={i}" for i, key in enumerate(keys)]
-        return flags
+        slots = {w.sample_define: cls.sample_names().index(w.sample)
+                 for w in cls.watches if w.sample}
+        return flags + [f"-D{define}={slot}" for define, slot in slots.items()]
 
     @classmethod
     def check_needed(cls, btf: Btf) -> None:
@@ -255,6 +268,27 @@ class Tuner:
     def summarize(self) -> list[str]:
         """Extra summary lines (beyond the per-scenario ones the engine prints)."""
         return []
+
+    def sample_lines(self) -> list[str]:
+        """Upstream's exit line for each sampled hook the program runs: how often it was
+        called, and that it looked at one call in SAMPLE_EVERY."""
+        if self.bpf is None:
+            return []
+        sampled = [w.sample for w in self.watches
+                   if (hook := self.hooks.hooks.get(w.what)) is not None and hook.sampled]
+        table = self.bpf["bpftune_samples"] if sampled else None
+        lines = []
+        for name in dict.fromkeys(sampled):
+            calls = sum(table[table.Key(self.sample_names().index(name))])  # over all CPUs
+            lines.append(f"Sample '{name}': associated program was called {calls} times, "
+                         f"collected data every {SAMPLE_EVERY} of these.")
+        return lines
+
+    def cgroup_attachments(self) -> list[CgroupProgram]:
+        """What the engine attaches to the cgroup: the tuner's own cgroup programs and its
+        plan's sock_ops hooks."""
+        return [*self.cgroup_programs,
+                *(CgroupProgram(f, "sock_ops") for f in self.hooks.sock_ops_programs())]
 
     # Helpers for tuners.
     def tunable(self, name: str) -> Tunable:

@@ -18,7 +18,7 @@ from bpftune.bpf import PROTO_MEMORY_FIELDS
 from bpftune.btf import Field
 from bpftune.changes import due_to
 from bpftune.events import Event
-from bpftune.hooks import Watch, fentry, raw_tp, tp
+from bpftune.hooks import Watch, fentry, raw_tp, sock_ops, tp
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
@@ -59,15 +59,22 @@ class TcpBufferTuner(Tuner):
         # tcp_rcvbuf_grow fires only when a receive buffer wants to grow (6.18+);
         # tcp_rcv_space_adjust on every read of a socket, so it is sampled.
         Watch("receive buffer growth", (raw_tp("tcp_rcvbuf_grow"),
-                                        fentry("tcp_rcv_space_adjust"),
-                                        raw_tp("tcp_rcv_space_adjust"))),
+                                        fentry("tcp_rcv_space_adjust", sampled=True),
+                                        raw_tp("tcp_rcv_space_adjust", sampled=True)),
+              sample="rcv_space_sample"),
         # tcp_sndbuf_expand fires only when a send buffer grows; sendmsg (6.12+) and
         # tcp_probe (every incoming segment, so also the ACKs that free send space: every
         # kernel has it) are sampled.
-        Watch("send buffer growth", (fentry("tcp_sndbuf_expand"), raw_tp("sock_send_length"),
-                                     raw_tp("tcp_probe"))),
+        Watch("send buffer growth", (fentry("tcp_sndbuf_expand"),
+                                     raw_tp("sock_send_length", sampled=True),
+                                     raw_tp("tcp_probe", sampled=True)),
+              sample="sndbuf_sample"),
         Watch("TCP memory limits", (tp("sock/sock_exceed_buf_limit"),)),
         Watch("SYN queue overflow", (tp("tcp/tcp_retransmit_synack"),)),
+        # Once per connection, after the kernel sized its send buffer (see the C source):
+        # a connection that sends little is then seen too, not only by chance of sampling.
+        Watch("send buffer at connection setup",
+              (sock_ops("connection_setup", needs="BPF_SOCK_OPS_RTT_CB"),), optional=True),
     )
     fields: ClassVar[dict[str, Field]] = {
         **PROTO_MEMORY_FIELDS,

@@ -80,14 +80,15 @@ class UdpBufferTuner(Tuner):
     bpf_source = "udp_buffer.bpf.c"
     features = frozenset({"btf", "ringbuf"})
     watches = (
-        Watch("UDP receive buffer full", (raw_tp("udp_fail_queue_rcv_skb"),)),
+        Watch("UDP receive buffer full", (raw_tp("udp_fail_queue_rcv_skb", sampled=True),),
+              sample="udp_rcvbuf_sample"),
         # Where both watches take udp_fail_queue_rcv_skb, one program serves both.
         # udp_fail_queue_rcv_skb reports memory drops (-ENOBUFS) only before Linux 6.18,
         # whose per-NUMA receive queues (udp_sock.udp_prod_queue) drop such datagrams
         # inside the enqueue, where only kfree_skb sees them.
         Watch("UDP memory limits",
-              (raw_tp("udp_fail_queue_rcv_skb", unless="udp_sock.udp_prod_queue"),
-               raw_tp("kfree_skb")), optional=True),
+              (raw_tp("udp_fail_queue_rcv_skb", unless="udp_sock.udp_prod_queue", sampled=True),
+               raw_tp("kfree_skb", sampled=True)), optional=True, sample="udp_mem_sample"),
     )
     fields: ClassVar[dict[str, Field]] = {
         **PROTO_MEMORY_FIELDS,
