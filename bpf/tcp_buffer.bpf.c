@@ -1,7 +1,8 @@
 /* tcp_buffer: notice when TCP connections' buffers approach the tcp_rmem/tcp_wmem maximum,
  * when TCP memory approaches tcp_mem pressure/exhaustion, and when a listener's SYN queue
- * approaches tcp_max_syn_backlog. Decisions are made here; events are sent only when a
- * limit is nearly reached, at most one per (netns, tunable) per 25 ms.
+ * is at a limit at which the kernel refuses SYNs. Buffer and memory decisions are made
+ * here; events are sent only when a limit is nearly reached, at most one per (netns,
+ * tunable) per 25 ms.
  *
  * Each watch has several hooks (TcpBufferTuner.watches); the engine compiles this file with
  * HOOK_<KIND>_<target> defined for the one chosen on this kernel. TUNABLE_* and SCENARIO_*
@@ -221,9 +222,20 @@ TRACEPOINT_PROBE(sock, sock_exceed_buf_limit)
 }
 #endif
 
-/* A listener retransmits a SYN-ACK: half-open connections are piling up. If the SYN queue
- * is nearly at tcp_max_syn_backlog (and not limited by the listen backlog instead), the
- * backlog is what drops new connections. */
+/* A listener retransmits a SYN-ACK: a half-open connection went a second unanswered (a lost
+ * ACK, a slow client, or a flood from addresses that never answer). It fires from a timer,
+ * never per packet, and on every kernel we support (6.1 on). Userspace is told only when the
+ * SYN queue is at one of the limits at which tcp_conn_request refuses SYNs, with the
+ * kernel's own tests (not the learning rate's NEARLY_FULL, which at -r 0..3 wants a queue
+ * fuller than the kernel ever lets it get):
+ *  - qlen >= sk_max_ack_backlog (the listen() backlog, capped by somaxconn): the kernel
+ *    calls tcp_syn_flood_action, which sends syncookies or, with them off, drops the SYN.
+ *    6.1 tests qlen >= max; 6.18 lets the queue hold max + 1 (6 half-open for a
+ *    backlog of 5, seen here): ">=" covers both, at most one request early;
+ *  - syncookies off and max_syn_backlog - qlen < max_syn_backlog >> 2: the kernel keeps
+ *    the last quarter for peers it has metrics for and drops other SYNs.
+ * The event only names the namespace: userspace judges, from its TcpExt counters over a
+ * window, how many SYNs were refused and how many connections accepted. */
 #ifdef HOOK_TP_tcp_retransmit_synack
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
@@ -231,17 +243,22 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	void *net = sk_net(sk);
 	u32 qlen = 0, max_ack_backlog = 0;
 	int max_syn_backlog = 0;
-	s64 old, new;
+	u8 syncookies = 0;
+	bool listen_limit, syn_backlog_limit;
+	s64 old;
 
 	READ_AT(qlen, sk, OFF_ICSK_ACCEPT_QUEUE_QLEN);
 	READ_AT(max_ack_backlog, sk, OFF_SK_MAX_ACK_BACKLOG);
 	READ_AT(max_syn_backlog, net, OFF_NET_MAX_SYN_BACKLOG);
-	if (!NEARLY_FULL((s64)qlen, (s64)max_syn_backlog) || qlen >= max_ack_backlog)
+	READ_AT(syncookies, net, OFF_NET_TCP_SYNCOOKIES);
+	listen_limit = qlen >= max_ack_backlog;
+	syn_backlog_limit = !syncookies &&
+			    (s64)max_syn_backlog - qlen < (s64)(max_syn_backlog >> 2);
+	if (!listen_limit && !syn_backlog_limit)
 		return 0;
 	old = max_syn_backlog;
-	new = GROW(old);
 	send_sysctl_event(net_cookie(net), SCENARIO_SYN_BACKLOG_INCREASE,
-			  TUNABLE_MAX_SYN_BACKLOG, &old, &new, 1, qlen);
+			  TUNABLE_MAX_SYN_BACKLOG, &old, &old, 1, qlen);
 	return 0;
 }
 #endif

@@ -61,6 +61,9 @@ class Kernel:
     def is_global(self, cookie: int) -> bool:
         return cookie == GLOBAL
 
+    def name(self, cookie: int) -> str:
+        return "global" if self.is_global(cookie) else f"cookie-{cookie}"
+
     @contextlib.contextmanager
     def entered(self, cookie: int) -> Iterator[None]:
         outer, self.cookie = self.cookie, cookie
@@ -258,11 +261,24 @@ SYN = {BACKLOG: (1024,), SYNCOOKIES: (0,),
        "net.core.high_order_alloc_disable": (0,), "net.ipv4.tcp_mem": (10, 20, 30)}
 
 
-def syn_flood(tuner: T, kernel: Kernel) -> None:
-    """What the BPF side sends when the SYN queue is nearly at the backlog: backlog + 25 %."""
-    (old,) = kernel.value(BACKLOG)
-    tuner.handle(event(T.MAX_SYN_BACKLOG, T.SYN_BACKLOG_INCREASE, (old,),
-                       (old + old // 4,)))
+def syn_window(tuner: T, kernel: Kernel, counters: dict[str, int], *, at_syn_backlog: int = 0,
+               at_listen_backlog: int = 0, cookies: int = 0, accepted: int = 0,
+               reported: bool = True) -> None:
+    """One window of SYN trouble in the namespace: the BPF side reports its SYN queue at a
+    limit (unless ``reported`` is False: a window that follows one with refused SYNs needs
+    no report), the kernel counts what it refused and accepted, and the window's ticks
+    pass."""
+    if reported:
+        (old,) = kernel.value(BACKLOG)
+        tuner.handle(event(T.MAX_SYN_BACKLOG, T.SYN_BACKLOG_INCREASE, (old,), (old,),
+                           metric=193))
+    counters["TcpExt:ListenDrops"] += at_syn_backlog + at_listen_backlog
+    counters["TcpExt:TCPReqQFullDrop"] += at_listen_backlog
+    counters["TcpExt:TCPReqQFullDoCookies"] += cookies
+    counters["TcpExt:SyncookiesSent"] += cookies
+    counters["Tcp:PassiveOpens"] += accepted
+    for _ in range(tcp_buffer.SYN_WINDOW_TICKS):
+        tuner.tick(0.0)
 
 
 def exhaust_memory(tuner: T) -> None:
@@ -272,48 +288,97 @@ def exhaust_memory(tuner: T) -> None:
 
 @pytest.fixture
 def counters(monkeypatch):
-    c = {"Tcp:PassiveOpens": 0, "TcpExt:SyncookiesRecv": 0, "TcpExt:SyncookiesFailed": 0,
-         "TcpExt:SyncookiesSent": 0}
+    c = {"Tcp:PassiveOpens": 0, "TcpExt:ListenDrops": 0, "TcpExt:ListenOverflows": 0,
+         "TcpExt:TCPReqQFullDrop": 0, "TcpExt:TCPReqQFullDoCookies": 0,
+         "TcpExt:SyncookiesRecv": 0, "TcpExt:SyncookiesFailed": 0, "TcpExt:SyncookiesSent": 0}
     monkeypatch.setattr(procnet, "counters", lambda: dict(c))
     return c
 
 
-@pytest.mark.parametrize(("accepting", "increases", "decreases"), [
-    (True, 15, 0),  # connections complete: a busy server, more backlog
-    (False, 10, 5),  # after 10 floods without one accepted connection: an attack
+@pytest.mark.parametrize(("at_syn_backlog", "accepted", "increases", "decreases"), [
+    (500, 200, 5, 0),  # clients retry dropped SYNs and are accepted: a busy server
+    (800, 100, 0, 5),  # one accepted per 8 refused (upstream: r = 0.97, legitimate)
+    (3000, 0, 0, 5),  # nothing accepted: an attack
 ])
-def test_syn_backlog_follows_connection_acceptance(tuned, counters, accepting, increases,
-                                                   decreases):
+def test_syn_backlog_follows_connection_acceptance(tuned, counters, at_syn_backlog, accepted,
+                                                   increases, decreases):
     tuner, changes, kernel = tuned(dict(SYN))
     seen = []
-    for _ in range(15):
-        counters["Tcp:PassiveOpens"] += 10 if accepting else 0
-        syn_flood(tuner, kernel)
+    for _ in range(5):
+        syn_window(tuner, kernel, counters, at_syn_backlog=at_syn_backlog, accepted=accepted)
         seen.append(kernel.value(BACKLOG)[0])
     assert counted(changes, T.SYN_BACKLOG_INCREASE) == increases
     assert counted(changes, T.SYN_BACKLOG_DECREASE) == decreases
-    grew, shrank = seen[:increases], seen[increases:]
-    assert grew == sorted(set(grew)) and grew[0] > 1024
-    assert shrank == sorted(set(shrank), reverse=True) and all(b < grew[-1] for b in shrank)
+    if increases:
+        assert seen == [1280, 1600, 2000, 2500, 3125]  # one step per window
+    else:
+        assert seen == [768, 576, 432, 324, 243]
 
 
-def test_syn_backlog_growth_stops_at_its_ceiling(tuned, counters):
+def test_a_reported_syn_queue_is_judged_after_its_window(tuned, counters):
+    tuner, _, kernel = tuned(dict(SYN))
+    (old,) = kernel.value(BACKLOG)
+    tuner.handle(event(T.MAX_SYN_BACKLOG, T.SYN_BACKLOG_INCREASE, (old,), (old,), metric=193))
+    counters["TcpExt:ListenDrops"] += 3000
+    for _ in range(tcp_buffer.SYN_WINDOW_TICKS - 1):
+        tuner.tick(0.0)
+    assert kernel.value(BACKLOG) == (1024,)
+    tuner.tick(0.0)
+    assert kernel.value(BACKLOG) == (768,)
+
+
+def test_syn_windows_go_on_while_syns_are_refused_and_end_after(tuned, counters):
+    tuner, _, kernel = tuned(dict(SYN))
+    syn_window(tuner, kernel, counters, at_syn_backlog=3000)
+    syn_window(tuner, kernel, counters, at_syn_backlog=3000, reported=False)
+    assert kernel.value(BACKLOG) == (576,)
+    assert tuner.table_sizes()["syn_windows"] == 1
+    syn_window(tuner, kernel, counters, reported=False)  # the flood is over
+    assert tuner.table_sizes()["syn_windows"] == 0
+    syn_window(tuner, kernel, counters, at_syn_backlog=3000, reported=False)  # unreported
+    assert kernel.value(BACKLOG) == (576,)
+
+
+@pytest.mark.parametrize(("refused", "accepted", "backlog"), [
+    (3000, 0, 768),  # a flood against a listener whose listen() backlog is the limit
+    (500, 200, 1024),  # legitimate: a bigger tcp_max_syn_backlog would not help
+])
+def test_syns_refused_at_a_listen_backlog(tuned, counters, refused, accepted, backlog):
+    tuner, changes, kernel = tuned(dict(SYN))
+    syn_window(tuner, kernel, counters, at_listen_backlog=refused, accepted=accepted)
+    assert kernel.value(BACKLOG) == (backlog,)
+    assert counted(changes, T.SYN_BACKLOG_INCREASE) == 0
+
+
+def test_a_few_refused_syns_are_no_attack(tuned, counters):
+    tuner, _, kernel = tuned(dict(SYN))
+    syn_window(tuner, kernel, counters, at_syn_backlog=tcp_buffer.SYN_ATTACK_MIN_REFUSED - 1)
+    assert kernel.value(BACKLOG) == (1024,)  # nor grown: nothing was accepted
+
+
+def test_syn_backlog_stops_at_its_ceiling_and_floor(tuned, counters):
     tuner, _, kernel = tuned(dict(SYN, **{BACKLOG: (250000,)}))
-    counters["Tcp:PassiveOpens"] = 10
-    syn_flood(tuner, kernel)  # proposes 312500
+    syn_window(tuner, kernel, counters, at_syn_backlog=500, accepted=200)  # proposes 312500
     assert kernel.value(BACKLOG) == (262144,)  # 2^18
-    syn_flood(tuner, kernel)
+    syn_window(tuner, kernel, counters, at_syn_backlog=500, accepted=200)
     assert kernel.value(BACKLOG) == (262144,)
+    tuner, changes, kernel = tuned(dict(SYN, **{BACKLOG: (150,)}))
+    syn_window(tuner, kernel, counters, at_syn_backlog=3000)  # one step would be 113
+    assert kernel.value(BACKLOG) == (128,)
+    syn_window(tuner, kernel, counters, at_syn_backlog=3000)
+    assert kernel.value(BACKLOG) == (128,)
+    assert counted(changes, T.SYN_BACKLOG_DECREASE) == 1
 
 
 @pytest.mark.parametrize("low_memory", [True, False])
-def test_syncookies_are_enabled_under_syn_flood_in_low_memory(tuned, counters, low_memory):
+def test_syncookies_are_enabled_under_syn_flood_in_low_memory(tuned, counters, monkeypatch,
+                                                              low_memory):
+    monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 30)  # still at the limit
     tuner, changes, kernel = tuned(dict(SYN))
     if low_memory:
         exhaust_memory(tuner)
         assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (1,)
-    counters["Tcp:PassiveOpens"] = 10
-    syn_flood(tuner, kernel)
+    syn_window(tuner, kernel, counters, at_syn_backlog=500, accepted=200)
     if low_memory:  # syncookies rather than more memory for half-open connections
         assert kernel.value(SYNCOOKIES) == (1,)
         assert counted(changes, T.ENABLE_SYNCOOKIES) == 1
@@ -328,15 +393,17 @@ def test_syncookies_are_enabled_under_syn_flood_in_low_memory(tuned, counters, l
 def syncookies_after(tuned, counters, before_first_flood: dict[str, int],
                      after_first_flood: dict[str, int]) -> tuple[int, ...]:
     """Syncookies on; counters grow by ``before_first_flood``, a flood is seen, they grow by
-    ``after_first_flood``, another flood is seen: is tcp_syncookies still on?"""
+    ``after_first_flood`` in its window: is tcp_syncookies still on?"""
     tuner, changes, kernel = tuned(dict(SYN, **{SYNCOOKIES: (1,)}))
     counters.update({k: 0 for k in counters})
     for k, v in before_first_flood.items():
         counters[f"TcpExt:Syncookies{k}"] += v
-    syn_flood(tuner, kernel)
+    (old,) = kernel.value(BACKLOG)
+    tuner.handle(event(T.MAX_SYN_BACKLOG, T.SYN_BACKLOG_INCREASE, (old,), (old,), metric=5))
     for k, v in after_first_flood.items():
         counters[f"TcpExt:Syncookies{k}"] += v
-    syn_flood(tuner, kernel)
+    counters["TcpExt:TCPReqQFullDoCookies"] += after_first_flood.get("Sent", 0) or 100
+    syn_window(tuner, kernel, counters, reported=False)
     assert kernel.value(BACKLOG) == (1024,)  # with syncookies on, the backlog is not tuned
     assert counted(changes, T.DISABLE_SYNCOOKIES) == (kernel.value(SYNCOOKIES) == (0,))
     return kernel.value(SYNCOOKIES)

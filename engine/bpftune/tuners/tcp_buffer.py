@@ -11,6 +11,7 @@ marked "Upstream".
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from bpftune import procnet
@@ -19,6 +20,7 @@ from bpftune.btf import Field
 from bpftune.changes import due_to
 from bpftune.events import Event
 from bpftune.hooks import Watch, fentry, raw_tp, sock_ops, tp
+from bpftune.log import log
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
@@ -46,6 +48,17 @@ BUFFER = ("min", "default", "max")
 MIN_SYN_BACKLOG = 128
 SYN_BACKLOG_CEILING = 1 << 18
 SYNCOOKIE_FAILURES = 1024
+# SYN floods are judged on what a namespace's counters say over a window of this many ticks
+# (seconds): SYNs the kernel refused against connections it accepted.
+SYN_WINDOW_TICKS = 3
+# At least this many refused SYNs per accepted connection in a window is an attack. A
+# legitimate overload shows a few: a client whose SYN is dropped retries after 1, 3, 7 s
+# and is then accepted (2 to 7 in a second, measured here with twice as many new clients a
+# second as the SYN queue could take); a flood from addresses that never answer shows no
+# accepts at all.
+SYN_ATTACK_RATIO = 8
+# Fewer refused SYNs in a window are no attack, whatever else happened.
+SYN_ATTACK_MIN_REFUSED = 64
 LATENCY_HOLD_SECONDS = 60  # after shrinking for latency, do not grow again this long
 CALM_TICKS = 5  # seconds of eased TCP memory before low-memory settings are undone
 
@@ -88,6 +101,7 @@ class TcpBufferTuner(Tuner):
         "OFF_NET_TCP_RMEM": Field("net.ipv4.sysctl_tcp_rmem", 12),
         "OFF_NET_TCP_WMEM": Field("net.ipv4.sysctl_tcp_wmem", 12),
         "OFF_NET_MAX_SYN_BACKLOG": Field("net.ipv4.sysctl_max_syn_backlog", 4),
+        "OFF_NET_TCP_SYNCOOKIES": Field("net.ipv4.sysctl_tcp_syncookies", 1),
         "OFF_TCP_SRTT_US": Field("tcp_sock.srtt_us", 4),
         "OFF_ICSK_ACCEPT_QUEUE_QLEN": Field("inet_connection_sock.icsk_accept_queue.qlen", 4),
     }
@@ -160,18 +174,19 @@ class TcpBufferTuner(Tuner):
         # Per netns: what we changed on entering low memory, to undo exactly that on leaving.
         self.low_memory_undo: dict[int, dict[Tunable, tuple[int, ...]]] = {}
         self.calm_ticks = 0
-        self.syn_floods: dict[int, int] = {}
+        # Namespaces whose SYN queue was seen at a limit, and what has happened there since.
+        self.syn_windows: dict[int, SynWindow] = {}
         self.syncookie_baseline: dict[int, dict[str, int]] = {}
 
     def table_sizes(self) -> dict[str, int]:
         return {"growth_held": len(self.growth_held_until),
-                "low_memory": len(self.low_memory_undo), "syn_floods": len(self.syn_floods),
+                "low_memory": len(self.low_memory_undo), "syn_windows": len(self.syn_windows),
                 "syncookie_baseline": len(self.syncookie_baseline)}
 
     def netns_destroyed(self, cookie: int) -> None:
         self.growth_held_until = {k: t for k, t in self.growth_held_until.items()
                                   if k[1] != cookie}
-        for table in (self.low_memory_undo, self.syn_floods, self.syncookie_baseline):
+        for table in (self.low_memory_undo, self.syn_windows, self.syncookie_baseline):
             table.pop(cookie, None)
 
     def handle(self, event: Event) -> None:
@@ -181,7 +196,7 @@ class TcpBufferTuner(Tuner):
         elif tunable == self.MEM:
             self._tcp_memory(event)
         elif tunable == self.MAX_SYN_BACKLOG:
-            self._syn_flood(event)
+            self._syn_queue_at_limit(event)
 
     # Buffer limits.
     def _grow_buffer(self, tunable: Tunable, event: Event) -> None:
@@ -244,6 +259,7 @@ class TcpBufferTuner(Tuner):
                 undo[backlog] = (current,)
 
     def tick(self, now: float) -> None:
+        self._judge_syn_windows()
         if not self.low_memory_undo:
             return
         if self._memory_eased():
@@ -279,11 +295,58 @@ class TcpBufferTuner(Tuner):
         self.low_memory_undo.clear()
 
     # SYN floods.
-    def _syn_flood(self, event: Event) -> None:
+    #
+    # How they are seen: the BPF side reports a namespace when a SYN-ACK retransmission finds
+    # a listener's SYN queue at a limit where the kernel refuses SYNs (a hook that fires from
+    # a timer, never per packet). From then on, while SYNs are refused, the namespace's own
+    # counters are read once per window: TcpExt TCPReqQFullDrop and TCPReqQFullDoCookies are
+    # what tcp_syn_flood_action counts (the function upstream hooks, whose fentry we may not
+    # have), ListenDrops also counts the SYNs dropped at tcp_max_syn_backlog, and Tcp
+    # PassiveOpens the connections accepted. These counters exist in every namespace on
+    # every kernel (6.1, 6.12, 6.18); the drop reasons of the kfree_skb tracepoint do not
+    # name a listen overflow before 6.18, and that hook fires on every dropped packet. Nor
+    # are all namespaces polled: with many containers that would cost every second what a
+    # SYN flood costs only while it lasts.
+    def _syn_queue_at_limit(self, event: Event) -> None:
         cookie = event.netns_cookie
-        (syncookies,) = self.value(self.SYNCOOKIES, cookie)
+        window = self.syn_windows.get(cookie)
+        if window is None:
+            with self.entered(cookie):
+                counters = procnet.counters()
+            window = self.syn_windows[cookie] = SynWindow(counters)
+            # Syncookie failures count from the first flood bpftune sees (_check_syncookies).
+            self.syncookie_baseline.setdefault(cookie, counters)
+        window.half_open = max(window.half_open, event.metric[0])
+
+    def _judge_syn_windows(self) -> None:
+        for cookie, window in list(self.syn_windows.items()):
+            window.ticks += 1
+            if window.ticks < SYN_WINDOW_TICKS:
+                continue
+            del self.syn_windows[cookie]
+            try:
+                self._judge_syn_window(cookie, window)
+            except OSError as e:  # the namespace is gone
+                log.debug(f"{self.name}: {e}")
+
+    def _judge_syn_window(self, cookie: int, window: SynWindow) -> None:
         with self.entered(cookie):
             counters = procnet.counters()
+        seen = SynCounts.between(window.counters, counters)
+        if not seen.refused or self.engine.changes.is_manual(self, cookie):
+            return  # the flood is over: wait for the next report
+        attack = seen.attack()
+        if attack and not window.attack:
+            log.notice(f"SYN flood in netns {self.engine.namespaces.name(cookie)}: "
+                       f"{seen.describe()} in {SYN_WINDOW_TICKS} s, "
+                       f"{window.half_open} half-open")
+        # SYNs are still refused: go on watching, report or not.
+        self.syn_windows[cookie] = SynWindow(counters, attack=attack)
+        self._syn_flood(cookie, seen, counters)
+
+    def _syn_flood(self, cookie: int, seen: SynCounts, counters: dict[str, int]) -> None:
+        """A window in which the kernel refused SYNs in the namespace ``cookie``."""
+        (syncookies,) = self.value(self.SYNCOOKIES, cookie)
         if syncookies:
             self._check_syncookies(cookie, counters)
             return  # the SYN backlog limit only applies when syncookies are off
@@ -293,22 +356,29 @@ class TcpBufferTuner(Tuner):
                         f"Due to low memory conditions under SYN flood, enable "
                         f"'{tunable.name}' rather than increasing max SYN backlog")
             return
-        self.syn_floods[cookie] = self.syn_floods.get(cookie, 0) + 1
-        accepted = self.correlation("syn_flood", cookie)
-        accepted.add(self.syn_floods[cookie], counters.get("Tcp:PassiveOpens", 0))
         backlog = self.MAX_SYN_BACKLOG
-        (old,) = event.old_values(1)
-        if len(accepted) > 10 and not accepted.correlated():
-            smaller = self.learning_rate.shrink(old)
-            if smaller >= MIN_SYN_BACKLOG:
+        (old,) = self.value(backlog, cookie)
+        # Upstream correlates two cumulative counts (flood events, connections established)
+        # over all time, so a flood with one accepted connection per 8 refused SYNs reads as
+        # legitimate (r = 0.97); we compare their rates within one window.
+        if seen.attack():
+            # Upstream does not shrink when one step would go below 128; we stop at 128.
+            smaller = max(self.learning_rate.shrink(old), MIN_SYN_BACKLOG)
+            if smaller < old:
                 self.change(backlog, self.SYN_BACKLOG_DECREASE, cookie, (smaller,),
                             f"Due to SYN flood not correlated with TCP connection acceptance "
                             f"- suggesting an attack - reduce '{backlog.name}' from {{old}} "
                             f"-> {{new}}", expect=(old,))
-            return
-        self.change(backlog, self.SYN_BACKLOG_INCREASE, cookie, event.new_values(1),
-                    f"Due to SYN flood events on a system with TCP syncookies disabled and no "
-                    f"low memory issues, increase '{backlog.name}'", expect=(old,))
+        elif seen.at_syn_backlog and seen.accepted:
+            self.change(backlog, self.SYN_BACKLOG_INCREASE, cookie,
+                        (self.learning_rate.grow(old),),
+                        f"Due to SYN flood events on a system with TCP syncookies disabled and "
+                        f"no low memory issues, increase '{backlog.name}'", expect=(old,))
+        else:
+            # Upstream grows the backlog whenever tcp_syn_flood_action runs, i.e. also when a
+            # listener's own listen() backlog is the limit, which no tcp_max_syn_backlog helps.
+            log.debug(f"{self.name}: netns {cookie}: {seen.describe()}; "
+                      f"'{backlog.name}' is not the limit")
 
     def _check_syncookies(self, cookie: int, counters: dict[str, int]) -> None:
         # Upstream compares counters accumulated since boot, so bogus ACKs sent before any
@@ -324,3 +394,51 @@ class TcpBufferTuner(Tuner):
                         f"Due to receiving {failed} invalid syncookies and no valid ones, "
                         f"disable '{tunable.name}' as they are ineffective under current "
                         f"network conditions")
+
+
+@dataclass
+class SynCounts:
+    """What a namespace's counters say happened to SYNs in one window."""
+
+    at_listen_backlog: int  # refused because a listener's queue was at its listen() backlog
+    at_syn_backlog: int  # dropped at tcp_max_syn_backlog (syncookies off)
+    accepted: int  # connections established by listeners
+
+    @classmethod
+    def between(cls, before: dict[str, int], after: dict[str, int]) -> SynCounts:
+        def grew(name: str) -> int:
+            return max(after.get(name, 0) - before.get(name, 0), 0)
+
+        # tcp_syn_flood_action counts each SYN refused at the listen backlog as a drop or,
+        # with syncookies on, as a cookie sent. ListenDrops counts every SYN or handshake
+        # ACK a listener dropped: those SYNs again, the ACKs refused for a full accept queue
+        # (ListenOverflows), and the rest, which are the SYNs dropped at
+        # tcp_max_syn_backlog (and the rare one without a route or memory).
+        drops, overflows = grew("TcpExt:ListenDrops"), grew("TcpExt:ListenOverflows")
+        full_drops = grew("TcpExt:TCPReqQFullDrop")
+        return cls(at_listen_backlog=full_drops + grew("TcpExt:TCPReqQFullDoCookies"),
+                   at_syn_backlog=max(drops - overflows - full_drops, 0),
+                   accepted=grew("Tcp:PassiveOpens"))
+
+    @property
+    def refused(self) -> int:
+        return self.at_listen_backlog + self.at_syn_backlog
+
+    def attack(self) -> bool:
+        return (self.refused >= SYN_ATTACK_MIN_REFUSED
+                and self.refused >= SYN_ATTACK_RATIO * self.accepted)
+
+    def describe(self) -> str:
+        return (f"{self.refused} SYNs refused ({self.at_syn_backlog} at tcp_max_syn_backlog, "
+                f"{self.at_listen_backlog} at listen backlogs), {self.accepted} connections "
+                f"accepted")
+
+
+@dataclass
+class SynWindow:
+    """A namespace's counters at the start of a window, and what the window saw so far."""
+
+    counters: dict[str, int]
+    ticks: int = 0
+    half_open: int = 0  # the fullest SYN queue the BPF side reported
+    attack: bool = False  # the previous window was an attack (to log an attack once)
