@@ -26,8 +26,11 @@ static __always_inline u32 check_memory(s32 pid, s64 allocated, s64 *mem)
 	s64 new[3];
 
 	if (NEARLY_FULL(allocated, mem[2])) {
-		new[0] = mem[0];
-		new[1] = mem[1];
+		/* Use above pressure keeps the kernel in memory-pressure mode until it falls
+		 * below min, so min and pressure grow with max. Upstream grows only max: at
+		 * tcp_mem 20 50 50, use chased max and pressure mode never ended. */
+		new[0] = allocated >= mem[1] ? GROW(mem[0]) : mem[0];
+		new[1] = allocated >= mem[1] ? GROW(mem[1]) : mem[1];
 		new[2] = GROW(mem[2]);
 		send_sysctl_event_from(pid, 0, SCENARIO_MEM_EXHAUSTION, TUNABLE_MEM, mem, new, 3,
 				       allocated);

@@ -25,9 +25,11 @@ def sysctls():
 @pytest.fixture
 def hosts():
     h = Hosts(ns=f"bpftune-test-{uuid.uuid4().hex[:8]}")
-    h.create()
-    yield h
-    h.destroy()
+    try:
+        h.create()
+        yield h
+    finally:  # also when create() failed half-way: no namespace or veth is left behind
+        h.destroy()
 
 
 @pytest.fixture(scope="session")
