@@ -373,7 +373,7 @@ def test_syn_backlog_stops_at_its_ceiling_and_floor(tuned, counters):
 @pytest.mark.parametrize("low_memory", [True, False])
 def test_syncookies_are_enabled_under_syn_flood_in_low_memory(tuned, counters, monkeypatch,
                                                               low_memory):
-    monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 30)  # still at the limit
+    monkeypatch.setattr(procnet, "memory_pages", lambda protocol: 30)  # still at the limit
     tuner, changes, kernel = tuned(dict(SYN))
     if low_memory:
         exhaust_memory(tuner)
@@ -439,7 +439,7 @@ def test_leaving_low_memory_undoes_only_what_entering_did(tuned, counters, monke
     assert entered["net.ipv4.tcp_no_metrics_save"] == (1,)
     assert entered["net.core.high_order_alloc_disable"] == (1,)
     assert entered[BACKLOG] == (768,)
-    monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 0)
+    monkeypatch.setattr(procnet, "memory_pages", lambda protocol: 0)
     monkeypatch.setattr(procnet, "tcp_under_memory_pressure", lambda: False)
     for now in range(tcp_buffer.CALM_TICKS - 1):
         tuner.tick(float(now))
@@ -459,7 +459,7 @@ def test_low_memory_lasts_while_the_kernel_reports_memory_pressure(tuned, counte
     tuner, _, kernel = tuned(SYN)
     exhaust_memory(tuner)
     assert kernel.value("net.ipv4.tcp_no_metrics_save", GLOBAL) == (1,)
-    monkeypatch.setattr(procnet, "tcp_memory_pages", lambda: 0)
+    monkeypatch.setattr(procnet, "memory_pages", lambda protocol: 0)
     monkeypatch.setattr(procnet, "tcp_under_memory_pressure", lambda: True)
     for now in range(3 * tcp_buffer.CALM_TICKS):
         tuner.tick(float(now))

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from bpftune import procnet
 from bpftune.memory import total_ram_pages
 from helpers import Iperf, daemon, ns_prefix, read_sysctl, values
 
@@ -107,13 +108,6 @@ class HeldStreams:
         self.server.wait(timeout=10)
 
 
-def kernel_tcp_memory_pressure() -> bool:
-    with open("/proc/net/protocols") as f:
-        header = f.readline().split()
-        tcp = next(line.split() for line in f if line.startswith("TCP "))
-    return tcp[header.index("press")] == "yes"
-
-
 def test_low_memory_settings_last_as_long_as_the_load(tmp_path, sysctls, hosts, carried_state):
     """tcp_mem 20 50 50, then 100 streams that hold their memory: near exhaustion the
     low-memory settings are made and tcp_mem grows until the streams fit. The load has not
@@ -129,7 +123,7 @@ def test_low_memory_settings_last_as_long_as_the_load(tmp_path, sysctls, hosts, 
             pressure_seen = []
             for _ in range(40):  # 20 s held
                 time.sleep(0.5)
-                pressure_seen.append(kernel_tcp_memory_pressure())
+                pressure_seen.append(procnet.tcp_under_memory_pressure())
             assert all(pressure_seen[-20:]), ("the load must keep TCP in memory pressure "
                                               f"for this test to mean anything: {pressure_seen}")
             assert LEFT not in d.log, d.log

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from test_tcp_buffer_logic import Kernel, fake_ram
 
+from bpftune import procnet
 from bpftune.btf import Btf
 from bpftune.changes import GLOBAL, Changes, StateFile
 from bpftune.correlation import Correlations
@@ -292,7 +293,7 @@ def udp(monkeypatch, tmp_path):
         kernel = Kernel(tables).installed(monkeypatch)
         monkeypatch.setattr(udp_buffer, "udp_counters",
                             lambda: world.counters.get(kernel.cookie, (0, 0)))
-        monkeypatch.setattr(udp_buffer, "udp_memory_pages", lambda: world.pages)
+        monkeypatch.setattr(procnet, "memory_pages", lambda protocol: world.pages)
         changes = Changes(kernel, StateFile(str(tmp_path)))  # type: ignore[arg-type]
         engine = SimpleNamespace(changes=changes, correlations=Correlations(),
                                  learning_rate=LearningRate(4), namespaces=kernel)

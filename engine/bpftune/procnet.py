@@ -20,11 +20,12 @@ def counters() -> dict[str, int]:
     return _pairs("/proc/net/netstat") | _pairs("/proc/net/snmp")
 
 
-def tcp_memory_pages() -> int:
-    """Pages of memory TCP uses now (the ``mem`` field of the TCP line of sockstat)."""
+def memory_pages(protocol: str) -> int:
+    """Pages of memory ``protocol`` ("TCP", "UDP") uses now: the ``mem`` field of its line
+    in sockstat (global, whatever the netns)."""
     with open("/proc/net/sockstat") as f:
         for line in f:
-            if line.startswith("TCP:"):
+            if line.startswith(f"{protocol}:"):
                 words = line.split()
                 return int(words[words.index("mem") + 1])
     return 0

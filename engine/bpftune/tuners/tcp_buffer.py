@@ -281,7 +281,7 @@ class TcpBufferTuner(Tuner):
         if procnet.tcp_under_memory_pressure():
             return False
         (_, pressure, _) = self.value(self.MEM)
-        return not self.learning_rate.nearly_full(procnet.tcp_memory_pages(), pressure)
+        return not self.learning_rate.nearly_full(procnet.memory_pages("TCP"), pressure)
 
     def _leave_low_memory(self) -> None:
         """Undo what entering low memory did (upstream undoes whatever the cached values say,

@@ -59,16 +59,6 @@ def udp_counters() -> tuple[int, int]:
     return delivered, drops
 
 
-def udp_memory_pages() -> int:
-    """Pages UDP uses now (the ``mem`` field of sockstat's UDP line; global)."""
-    with open("/proc/net/sockstat") as f:
-        for line in f:
-            if line.startswith("UDP:"):
-                words = line.split()
-                return int(words[words.index("mem") + 1])
-    return 0
-
-
 def change_line(why: str, tunable: Tunable) -> str:
     """Upstream's reason line for rmem_*: no parentheses around the values."""
     return f"Due to {why} change {tunable.name} from {{old}} -> {{new}}"
@@ -177,7 +167,7 @@ class UdpBufferTuner(Tuner):
     def _memory_tight(self) -> bool:
         """UDP memory is nearly at udp_mem[0], where the kernel starts refusing it."""
         (limit, _, _) = self.value(self.UDP_MEM)
-        return self.learning_rate.nearly_full(udp_memory_pages(), limit)
+        return self.learning_rate.nearly_full(procnet.memory_pages("UDP"), limit)
 
     # UDP memory.
     def _udp_memory(self, event: Event) -> None:
