@@ -61,6 +61,13 @@ class Sysctls:
     def remember(self, name: str, ns: str | None = None) -> None:
         self.saved.setdefault((name, ns), read_sysctl(name, ns))
 
+    def remember_managed(self) -> None:
+        """Every sysctl a built-in tuner may change, in the global netns (those this kernel
+        has)."""
+        for name in managed_sysctls():
+            with contextlib.suppress(subprocess.CalledProcessError, OSError):
+                self.remember(name)
+
     def restore(self) -> None:
         for (name, ns), value in self.saved.items():
             with contextlib.suppress(subprocess.CalledProcessError):
@@ -215,9 +222,7 @@ def daemon(tmp_path: Path, *args: str, stderr: bool = True, prefix: list[str] | 
     for a test that checks what is left behind (and puts it back itself)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     saved = Sysctls()
-    for name in managed_sysctls():
-        with contextlib.suppress(subprocess.CalledProcessError, OSError):
-            saved.remember(name)
+    saved.remember_managed()
     d = Daemon(state or tmp_path / "state", *(["-s"] if stderr else []), *args,
                log_path=tmp_path / "bpftune.log", prefix=prefix, env=env)
     try:

@@ -46,12 +46,13 @@ def test_pmns_is_never_empty_and_says_when_the_daemon_is_down(installed):
 
 
 def test_tuning_seen_through_pcp_and_ids_survive_restarts(installed, tmp_path, sysctls, hosts):
+    sysctls.remember_managed()  # what other tuners change (e.g. netdev_budget) outlives it too
     for ns in (None, hosts.ns):
         squeeze_buffers(sysctls, ns)
     iperf = Iperf(hosts.ns, hosts.ns_addr)
     try:
         # restore=False: the grown values must outlive this daemon for the second part
-        # (the sysctls fixture restores them at the end).
+        # (the sysctls fixture restores them, and every other managed sysctl, at the end).
         with daemon(tmp_path / "first", restore=False) as d:
             assert wait_until(daemon_up)
             assert metric_values("bpftune.daemon.pid") == {None: str(d.proc.pid)}
