@@ -224,15 +224,18 @@ static __always_inline bool over_budget(struct rate_window *w, u64 limit)
 #define CURRENT_PID ((s32)(bpf_get_current_pid_tgid() >> 32))
 #define NO_PID 0
 
-/* Propose changing a tunable from old to new values in a netns; rate limited. */
-static __always_inline int send_sysctl_event_from(s32 pid, u64 cookie, u32 scenario,
-						  u32 tunable_id, s64 *old, s64 *new,
-						  int nvalues, s64 metric)
+/* Propose changing a tunable from old to new values in a netns, with the tuner's own
+ * record (`payload`, its Tuner.payload layout) in the event's str area; rate limited. */
+static __always_inline int send_event_with(s32 pid, u64 cookie, u32 scenario, u32 tunable_id,
+					   s64 *old, s64 *new, int nvalues, s64 metric,
+					   const void *payload, u32 payload_size)
 {
 	struct bpftune_event ev = {};
 
 	if (rate_limited(cookie, tunable_id))
 		return 0;
+	if (payload)
+		__builtin_memcpy(ev.str, payload, payload_size);
 	ev.tuner_id = TUNER_ID;
 	ev.scenario_id = scenario;
 	ev.netns_cookie = cookie;
@@ -248,6 +251,15 @@ static __always_inline int send_sysctl_event_from(s32 pid, u64 cookie, u32 scena
 	ev.metric[0] = metric;
 	submit_event(&ev);
 	return 1;
+}
+
+/* Propose changing a tunable from old to new values in a netns; rate limited. */
+static __always_inline int send_sysctl_event_from(s32 pid, u64 cookie, u32 scenario,
+						  u32 tunable_id, s64 *old, s64 *new,
+						  int nvalues, s64 metric)
+{
+	return send_event_with(pid, cookie, scenario, tunable_id, old, new, nvalues, metric,
+			       NULL, 0);
 }
 
 static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunable_id,

@@ -21,7 +21,7 @@ from pyroute2 import netns as pyroute2_netns
 REPO = Path(__file__).resolve().parents[1]
 #: The built-in tuners that load on this kernel, as the daemon's start line lists them
 #: (route_table is not needed on it: see tests/test_route_table.py).
-ACTIVE_HERE = "ip_frag, net_buffer, netns, sysctl, tcp_buffer, udp_buffer"
+ACTIVE_HERE = "ip_frag, neigh_table, net_buffer, netns, sysctl, tcp_buffer, udp_buffer"
 BPFTUNE = str(Path(sys.executable).parent / "bpftune")
 
 
@@ -206,7 +206,8 @@ def managed_sysctls() -> list[str]:
     """Every sysctl a built-in tuner may change."""
     from bpftune.plugins import builtin_tuners
 
-    return [t.name for cls in builtin_tuners() for t in cls.tunables if t.sysctl]
+    return [name for cls in builtin_tuners() for t in cls.tunables if t.sysctl
+            for name in t.access.names(t.name)]
 
 
 @contextlib.contextmanager

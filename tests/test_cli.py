@@ -34,6 +34,7 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "bpftune: bpftune supports per-netns policy (via netns cookie)",
         # fentry is refused here: each tuner says which hooks it takes instead.
         "bpftune: ip_frag: raw_tp/kfree_skb",
+        "bpftune: neigh_table: raw_tp/neigh_create",
         "bpftune: net_buffer: raw_tp/kfree_skb",
         "bpftune: netns: raw_tp/sched_process_fork",
         "bpftune: route_table: not needed: this kernel does not enforce "
@@ -53,8 +54,8 @@ def test_support_without_btf_names_the_feature_and_the_tuners_it_disables():
     lines = r.stderr.splitlines()
     assert lines[0] == "bpftune: bpftune is not supported"
     assert ("bpftune: missing BPF Type Format (BTF) information for kernel struct offsets "
-            "(cannot read kernel BTF from /nonexistent/vmlinux): disables ip_frag, net_buffer, "
-            "netns, sysctl, tcp_buffer, udp_buffer") in lines
+            "(cannot read kernel BTF from /nonexistent/vmlinux): disables ip_frag, neigh_table, "
+            "net_buffer, netns, sysctl, tcp_buffer, udp_buffer") in lines
 
 
 def test_start_without_btf_is_one_clear_line(tmp_path):

@@ -1,7 +1,7 @@
 """How a tunable is read and written. A sysctl is the default; an ordered group of sysctls
 (ipfrag_low_thresh <= ipfrag_high_thresh, gc_thresh1 <= gc_thresh2 <= gc_thresh3) changes as
 one decision, so it is one tunable with one value per member: one scenario, one ledger entry,
-one rollback. Later tuners add netlink (neighbour tables) and per-socket kinds here.
+one rollback. A neighbour table's thresholds are read and written over netlink.
 
 Every kind goes through the one change path (bpftune.changes): ceilings, read-back, ledger,
 rollback, scenario count, log lines. The ledger stores ``spec()`` with each record, so a
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bpftune import sysctl
+from bpftune import neigh, sysctl
 from bpftune.sysctl import Value
 
 
@@ -90,6 +90,30 @@ class SysctlGroup(Access):
         return [f'sysctl -w {m}="{v}"' for m, v in pairs]
 
 
+@dataclass(frozen=True)
+class NeighTable(Access):
+    """A neighbour table's gc_thresh1-3 (bpftune.neigh): one table per family for the whole
+    host, set over netlink from the initial namespace. The value is the three thresholds."""
+
+    kind: ClassVar[str] = "neigh_table"
+    family: int
+
+    def read(self, name: str, string: bool = False) -> Value:
+        return neigh.table_state(self.family).thresholds
+
+    def write(self, name: str, new: Value, old: Value) -> None:
+        neigh.set_thresholds(self.family, new)
+
+    def names(self, name: str) -> tuple[str, ...]:
+        return neigh.sysctl_names(self.family)
+
+    def spec(self) -> dict | None:
+        return {"kind": self.kind, "family": self.family}
+
+    def replicate(self, name: str, value: Value) -> list[str]:
+        return SysctlGroup(self.names(name)).replicate(name, value)
+
+
 SYSCTL = Sysctl()
 
 
@@ -98,4 +122,6 @@ def from_spec(spec: dict | None) -> Access:
         return SYSCTL
     if spec.get("kind") == SysctlGroup.kind:
         return SysctlGroup(tuple(spec["members"]))
+    if spec.get("kind") == NeighTable.kind:
+        return NeighTable(int(spec["family"]))
     raise ValueError(f"unknown tunable access {spec!r}")

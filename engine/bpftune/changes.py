@@ -378,10 +378,15 @@ class Changes:
         log.notice(f"Scenario '{s.name}' occurred for tunable '{tunable.name}' in {ns}global "
                    f"ns. {s.description}")
 
-    def count(self, tuner: Tuner, tunable: Tunable, scenario: int, cookie: int) -> None:
-        """Count a scenario that was acted on without a sysctl write (e.g. netlink)."""
-        self.scenario_counts[(tuner.name, tunable.name, scenario,
-                              self.ledger_cookie(tunable, cookie))] += 1
+    def count(self, tuner: Tuner, tunable: Tunable, scenario: int, cookie: int,
+              reason: str | None = None) -> None:
+        """Count a scenario that was acted on without a change of the tunable; with a
+        ``reason``, log it as a change is logged (upstream's ``tunable_update``)."""
+        where = self.ledger_cookie(tunable, cookie)
+        self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
+        if reason is not None:
+            self._log_change(tuner, tunable, scenario, where)
+            log.notice(reason)
 
     def forget_netns(self, cookie: int) -> None:
         """A namespace is gone: drop its records and its administrator hand-overs; its

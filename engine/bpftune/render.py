@@ -37,8 +37,12 @@ def registry() -> list[dict]:
         scenarios = [{"name": s.name, "description": s.description,
                       "metric": metrics.scenario_metric(cls.name, s.name)}
                      for s in cls.scenarios]
+        published = [{"name": p.name, "help": p.help, "instances": p.instances,
+                      "unit": "ops" if p.counter else UNITS.get(p.unit, "short"),
+                      "metric": metrics.published_metric(cls.name, p.name)}
+                     for p in cls.published]
         tuners.append({"name": cls.name, "tunables": tunables, "scenarios": scenarios,
-                       "strategies": [s.name for s in cls.strategies]})
+                       "published": published, "strategies": [s.name for s in cls.strategies]})
     return tuners
 
 

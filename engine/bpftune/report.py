@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bpftune import __version__
+from bpftune.access import from_spec
 from bpftune.changes import GLOBAL, Changes, Record
 from bpftune.log import log
 from bpftune.metrics import published_metric, scenario_metric, tunable_metrics
@@ -216,12 +217,12 @@ def rollback(snap: Snapshot) -> str:
     for r in snap.records.values():
         if r.original == r.current:
             continue
-        original = r.original if isinstance(r.original, str) else format_value(tuple(r.original))
-        command = f'sysctl -w {r.tunable}="{original}"'
+        original = r.original if isinstance(r.original, str) else tuple(r.original)
+        commands = from_spec(r.access).replicate(r.tunable, original)
         if r.cookie != GLOBAL:
-            command = f"{snap.command_prefixes[r.cookie]} {command}"
+            commands = [f"{snap.command_prefixes[r.cookie]} {c}" for c in commands]
         lines += [f"# To roll back changes to '{r.tunable}', run the following as a privileged "
-                  f"user in a terminal:", command]
+                  f"user in a terminal:", *commands]
     return "\n".join(lines) + "\n"
 
 

@@ -356,6 +356,8 @@ class Tuner:
             for position, value in enumerate(values[:MAX_VALUES]):
                 table[table.Key(base + position)] = table.Leaf(value)
 
-    def count(self, tunable: Tunable, scenario: Scenario | int, cookie: int) -> None:
-        """Count a scenario acted on without a change of the tunable."""
-        self.engine.changes.count(self, tunable, self.scenario_id(scenario), cookie)
+    def count(self, tunable: Tunable, scenario: Scenario | int, cookie: int,
+              reason: str | None = None) -> None:
+        """Count a scenario acted on without a change of the tunable (and with ``reason``,
+        log the scenario and the reason)."""
+        self.engine.changes.count(self, tunable, self.scenario_id(scenario), cookie, reason)
