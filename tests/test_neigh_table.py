@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 from pyroute2 import NetNS
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpftune.learning import LearningRate
-from bpftune.neigh import reasonable_max
+from bpftune.neigh import device_prefixes, reasonable_max
 from bpftune.sysctl import INT_MAX
 from bpftune.tuners.neigh_table import grown, shrunk
 from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, recorded, wait_until
@@ -89,6 +92,18 @@ def neighbours(hosts):
     return Neighbours(hosts.ns, hosts.ns_if)
 
 
+@contextmanager
+def entered(ns: str):
+    """Run the body in the namespace ``ns`` (this thread), then come back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        pyroute2_netns.setns(ns)
+        yield
+    finally:
+        pyroute2_netns.setns(own)
+        os.close(own)
+
+
 def published(name: str) -> dict[str, int]:
     state = json.loads(subprocess.run([BPFTUNE, "-q", "state"], capture_output=True,
                                       text=True, check=True, timeout=30).stdout)
@@ -114,9 +129,11 @@ def test_a_full_table_grows_and_stops_refusing_neighbours(tmp_path, squeezed, ho
         assert published("device_created")[instance] >= 120
         assert published("table_fulls")["arp_cache"] >= refused_before
         time.sleep(2)  # the PMDA polls the daemon once a second
-        out = pminfo("-f", "bpftune.neigh_table.device_created", f"bpftune.neigh_table.{TUNABLE}")
+        out = pminfo("-f", "bpftune.neigh_table.device_created", f"bpftune.neigh_table.{TUNABLE}",
+                     "bpftune.neigh_table.scenarios.neighbour_table_nearly_full")
         assert re.search(rf'inst \[\d+ or "{re.escape(instance)}"\] value (\d+)', out), out
         assert re.search(rf'inst \[\d+ or "global/thresh3"\] value {now[2]}\b', out), out
+        assert re.search(r'nearly_full\n\s+inst \[\d+ or "global"\] value [1-9]', out), out
     assert refused_with <= refused_before // 10, (refused_before, refused_with)
     assert re.search(r"# Summary: scenario 'neighbour table nearly full' occurred \d+ times "
                      rf"for tunable '{TUNABLE}' in global ns", d.log)
@@ -206,6 +223,17 @@ def test_a_netlink_change_by_someone_else_hands_the_tuner_over(tmp_path, squeeze
         changed = thresholds()
     assert thresholds() == changed  # -R leaves what the administrator set
     assert changed[0] == 7
+
+
+def test_a_device_that_went_away_is_gone_not_an_error(hosts):
+    """Its ifindex no longer exists, or names another device, in its namespace."""
+    with NetNS(hosts.ns) as nsr:
+        (index,) = nsr.link_lookup(ifname=hosts.ns_if)
+    args = (socket.AF_INET,)
+    with entered(hosts.ns):
+        assert device_prefixes(index, hosts.ns_if, *args) == [30]
+        assert device_prefixes(index, "eth-other", *args) is None
+        assert device_prefixes(index + 1000, hosts.ns_if, *args) is None
 
 
 # The decisions, as pure functions.

@@ -175,9 +175,12 @@ class NeighTableTuner(Tuner):
         except SysctlError as e:
             log.debug(f"{self.name}: {e}")
             return
-        if live != seen:
-            return  # stale: an earlier event changed them already
-        self._grow(tunable, event.netns_cookie, device, live, event.metric[0])
+        entries = event.metric[0]
+        if live != seen and not self.learning_rate.nearly_full(entries, live[2]):
+            return  # stale: an earlier event grew the table enough for this one too
+        # Events of a burst are rate limited and arrive after earlier ones grew the table:
+        # one that is still nearly full for the live thresholds grows them once more.
+        self._grow(tunable, event.netns_cookie, device, live, entries)
 
     def _grow(self, tunable: Tunable, cookie: int, device: NeighDevice,
               live: tuple[int, ...], entries: int) -> None:
@@ -192,6 +195,8 @@ class NeighTableTuner(Tuner):
             return
         bound = neigh.reasonable_max(tunable.access.family, prefixes)
         if live[2] >= bound:
+            if self.bounded.get((tunable.name, cookie, device.ifindex)) == live:
+                return
             self.bounded[(tunable.name, cookie, device.ifindex)] = live
             self.count(tunable, self.GROWN_EXCESSIVELY, GLOBAL, literal(
                 f"can no longer update thresholds for gc_thresh[1-3] for table '{table}' for "
