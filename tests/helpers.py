@@ -21,7 +21,8 @@ from pyroute2 import netns as pyroute2_netns
 REPO = Path(__file__).resolve().parents[1]
 #: The built-in tuners that load on this kernel, as the daemon's start line lists them
 #: (route_table is not needed on it: see tests/test_route_table.py).
-ACTIVE_HERE = "ip_frag, neigh_table, net_buffer, netns, sysctl, tcp_buffer, udp_buffer"
+ACTIVE_HERE = ("ip_frag, neigh_table, net_buffer, netns, sysctl, tcp_buffer, tcp_conn, "
+               "udp_buffer")
 BPFTUNE = str(Path(sys.executable).parent / "bpftune")
 
 

@@ -44,6 +44,7 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, raw_tp/sock_send_length, "
         "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack, "
         "sock_ops/connection_setup",
+        "bpftune: tcp_conn: sock_ops/conn_tuner",
         "bpftune: udp_buffer: raw_tp/udp_fail_queue_rcv_skb, raw_tp/kfree_skb",
     ]
 
@@ -55,7 +56,7 @@ def test_support_without_btf_names_the_feature_and_the_tuners_it_disables():
     assert lines[0] == "bpftune: bpftune is not supported"
     assert ("bpftune: missing BPF Type Format (BTF) information for kernel struct offsets "
             "(cannot read kernel BTF from /nonexistent/vmlinux): disables ip_frag, neigh_table, "
-            "net_buffer, netns, sysctl, tcp_buffer, udp_buffer") in lines
+            "net_buffer, netns, sysctl, tcp_buffer, tcp_conn, udp_buffer") in lines
 
 
 def test_start_without_btf_is_one_clear_line(tmp_path):

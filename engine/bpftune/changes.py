@@ -379,14 +379,17 @@ class Changes:
                    f"ns. {s.description}")
 
     def count(self, tuner: Tuner, tunable: Tunable, scenario: int, cookie: int,
-              reason: str | None = None) -> None:
-        """Count a scenario that was acted on without a change of the tunable; with a
-        ``reason``, log it as a change is logged (upstream's ``tunable_update``)."""
-        where = self.ledger_cookie(tunable, cookie)
-        self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
-        if reason is not None:
-            self._log_change(tuner, tunable, scenario, where)
-            log.notice(reason)
+              times: int = 1) -> None:
+        """Count a scenario that was acted on without a change of the tunable."""
+        if times > 0:
+            where = self.ledger_cookie(tunable, cookie)
+            self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += times
+
+    def report(self, tuner: Tuner, tunable: Tunable, scenario: int, cookie: int,
+               reason: str) -> None:
+        """Log a scenario as a change is logged (upstream's ``tunable_update``)."""
+        self._log_change(tuner, tunable, scenario, self.ledger_cookie(tunable, cookie))
+        log.notice(reason)
 
     def forget_netns(self, cookie: int) -> None:
         """A namespace is gone: drop its records and its administrator hand-overs; its

@@ -293,6 +293,7 @@ class Engine:
         else:
             log.debug(f"setting state of netns (cookie {cookie}) to manual for '{tuner.name}'")
             self.changes.hand_over(tuner.name, cookie)
+            tuner.handed_over(cookie)
 
     # Shutdown.
     def finish(self, tuner: Tuner, state: TunerState) -> None:

@@ -35,6 +35,10 @@ class Log:
         self._lock = threading.Lock()
         self._limits: dict[str, tuple[float, int, int]] = {}  # key -> start, logged, skipped
 
+    @property
+    def debugging(self) -> bool:
+        return self.level >= DEBUG
+
     def configure(self, *, to_stderr: bool, debug: bool, stream: TextIO | None = None) -> None:
         self.level = DEBUG if debug else NOTICE
         if stream is not None:

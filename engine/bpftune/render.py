@@ -39,7 +39,8 @@ def registry() -> list[dict]:
                      for s in cls.scenarios]
         published = [{"name": p.name, "help": p.help, "instances": p.instances,
                       "unit": "ops" if p.counter else UNITS.get(p.unit, "short"),
-                      "metric": metrics.published_metric(cls.name, p.name)}
+                      "metric": metrics.published_metric(cls.name, p.name),
+                      "counter": p.counter, "alarm": p.alarm, "alarm_help": p.alarm_help}
                      for p in cls.published]
         tuners.append({"name": cls.name, "tunables": tunables, "scenarios": scenarios,
                        "published": published, "strategies": [s.name for s in cls.strategies]})
@@ -113,6 +114,13 @@ def render_pcp(out: Path, interval: str = "10 sec") -> list[Path]:
             _write(out / path, repeated.render(tuner=tuner["name"],
                                                scenarios=tuner["scenarios"]))
             files[path] = ""
+    alarm = env.get_template("pmieconf-published-alarm.j2")
+    for tuner in tuners:
+        for p in tuner["published"]:
+            if p["alarm"] is not None:
+                path = f"pmieconf/bpftune/{tuner['name']}_{p['name']}"
+                _write(out / path, alarm.render(tuner=tuner["name"], published=p))
+                files[path] = ""
     return [out / p for p in files]
 
 

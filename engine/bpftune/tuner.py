@@ -98,6 +98,10 @@ class Published:
     unit: str = ""  # "bytes", "count" or "" (a plain number)
     counter: bool = False  # a count that only grows (PCP counter semantics)
     instances: str = ""  # what instances are ("cpu", "algorithm"); "" for a single value
+    #: A pmie rule fires when some instance passes this (per second for a counter); the
+    #: text says what it means and what to do. None: no rule.
+    alarm: float | None = None
+    alarm_help: str = ""
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,11 @@ class Tuner:
     def netns_destroyed(self, cookie: int) -> None:
         """A network namespace is gone: drop what the tuner keeps about it."""
 
+    def handed_over(self, cookie: int) -> None:
+        """An administrator took the tuner over in the namespace ``cookie`` (not the global
+        one, which unloads the tuner): its BPF program should leave that namespace alone
+        where it acts on its own (the engine already drops the namespace's events)."""
+
     def table_sizes(self) -> dict[str, int]:
         """Sizes of the tuner's per-namespace tables (see ``Engine.table_sizes``)."""
         return {}
@@ -357,7 +366,14 @@ class Tuner:
                 table[table.Key(base + position)] = table.Leaf(value)
 
     def count(self, tunable: Tunable, scenario: Scenario | int, cookie: int,
-              reason: str | None = None) -> None:
+              reason: str | None = None, times: int = 1) -> None:
         """Count a scenario acted on without a change of the tunable (and with ``reason``,
         log the scenario and the reason)."""
-        self.engine.changes.count(self, tunable, self.scenario_id(scenario), cookie, reason)
+        self.engine.changes.count(self, tunable, self.scenario_id(scenario), cookie, times)
+        if reason is not None:
+            self.report(tunable, scenario, cookie, reason)
+
+    def report(self, tunable: Tunable, scenario: Scenario | int, cookie: int,
+               reason: str) -> None:
+        """Log a scenario and its reason, as a change is logged, without counting it."""
+        self.engine.changes.report(self, tunable, self.scenario_id(scenario), cookie, reason)

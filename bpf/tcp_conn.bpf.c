@@ -1,0 +1,360 @@
+/* tcp_conn: choose each TCP connection's congestion control algorithm per remote host by
+ * reinforcement learning, and switch a lossy connection to BBR.
+ *
+ * One sockops program (attached to bpftune's cgroup by the engine), nothing per packet:
+ *  - ESTABLISHED: ask for STATE and RETRANS callbacks. For a host seen at least KNOWN_AFTER
+ *    times, pick the algorithm with the lowest learned cost, or with probability 1/EPSILON
+ *    one at random (epsilon-greedy), and set it with bpf_setsockopt(TCP_CONGESTION).
+ *  - RETRANS: once retransmissions exceed 1/64 of the segments sent, switch to BBR (and,
+ *    for a connection the learner did not choose for, thin linear timeouts where the
+ *    sysctl has them off) and stop listening for retransmissions; tell userspace, at most
+ *    once a second per host and LOSS_REPORTS_PER_SEC in all.
+ *  - STATE to FIN_WAIT1 or CLOSE_WAIT: score the connection's algorithm: the cost is how
+ *    far its min RTT is above the host's best and its delivery rate below the host's best
+ *    (parts per million each), folded into the algorithm's learned cost.
+ * The host is the route's gateway for routed peers, else the peer itself (upstream keys
+ * every on-link peer as ::ffff:0.0.0.0), within the connection's network namespace.
+ * Callback flags are shared by every sockops program on a socket: only our bits change.
+ *
+ * Compiled with N_ALGS (algorithms, named in the `algorithms` map by userspace), ALG_BBR
+ * (the index of bbr, or -1) and the tunable ids.
+ */
+#include "bpftune.bpf.h"
+
+#ifndef N_ALGS			/* compiled for another kernel: no algorithms known */
+#define N_ALGS 1
+#define ALG_BBR -1
+#endif
+
+#define MAX_ALGS 6
+#define CA_NAME_LEN 16		/* TCP_CA_NAME_MAX */
+#define KNOWN_AFTER 4		/* connections before a host's choices are learned ones */
+#define EPSILON 20		/* explore one connection in 20 */
+#define RL_SHIFT 2		/* learned cost moves 1/4 of the way to each new cost */
+#define MILLION 1000000ULL
+#define LOSS_REPORTS_PER_SEC 100
+#define SOL_TCP 6
+#define TCP_CONGESTION 13
+#define TCP_THIN_LINEAR_TIMEOUTS 16
+#define AF_INET 2
+#define AF_INET6 10
+#define RTF_GATEWAY 0x0002
+
+struct host_key {
+	u64 netns_cookie;
+	u32 addr[4];		/* IPv6, or IPv4-mapped */
+};
+
+struct alg_state {
+	u64 min_rtt;		/* µs, the least any of its connections saw */
+	u64 max_rate;		/* bytes/s, the most any of its connections delivered */
+	s64 metric;		/* learned cost, lower is better; 0 until measured */
+	u64 count;		/* connections measured */
+	u64 greedy;		/* of them, chosen as the best known */
+};
+
+struct host_state {
+	u64 min_rtt;
+	u64 max_rate;
+	u64 instances;		/* connections established */
+	u64 bbr_switches;	/* connections switched to BBR for loss */
+	u64 last_loss_report;	/* ns */
+	struct alg_state algs[MAX_ALGS];
+};
+
+struct conn_state {
+	s32 alg;		/* index the learner set, or -1 */
+	u32 greedy;
+};
+
+struct alg_name {
+	char name[CA_NAME_LEN];
+};
+
+/* The event payload (TcpConnTuner.payload): a connection switched to BBR for loss. */
+struct loss_report {
+	u32 addr[4];		/* the peer */
+	u32 family;
+	u32 pad;
+	u64 switches;		/* the host's switches so far */
+	u64 retrans;
+	u64 segs_out;
+};
+
+BPF_TABLE("lru_hash", struct host_key, struct host_state, hosts, 1024);
+BPF_SK_STORAGE(conns, struct conn_state);
+BPF_ARRAY(algorithms, struct alg_name, MAX_ALGS);
+BPF_PERCPU_ARRAY(choices, u64, MAX_ALGS);	/* connections set to each algorithm */
+BPF_ARRAY(thin_timeouts, u64, 1);		/* connections given thin linear timeouts */
+BPF_ARRAY(loss_budget, struct rate_window, 1);
+/* namespaces handed over to an administrator (by a write to a tunable there) */
+BPF_HASH(manual_netns, u64, u8, 4096);
+
+/* A kernel pointer, unlike ops->sk, allows reads at field offsets. */
+static __always_inline void *kernel_sock(struct bpf_sock *sk)
+{
+	return (void *)bpf_skc_to_tcp_sock(sk);
+}
+
+static __always_inline bool v4_mapped(const u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+/* The peer's address, IPv4 as IPv4-mapped IPv6. Every field is read whatever the family:
+ * the verifier refuses a context access the compiler folded into one computed offset,
+ * which volatile reads prevent. */
+#define CTX_READ(field) (*(volatile typeof(field) *)&(field))
+
+static __always_inline void peer_address(struct bpf_sock_ops *ops, u32 *addr)
+{
+	u32 family = CTX_READ(ops->family), ip4 = CTX_READ(ops->remote_ip4);
+	u32 a0 = CTX_READ(ops->remote_ip6[0]), a1 = CTX_READ(ops->remote_ip6[1]);
+	u32 a2 = CTX_READ(ops->remote_ip6[2]), a3 = CTX_READ(ops->remote_ip6[3]);
+
+	addr[0] = family == AF_INET ? 0 : a0;
+	addr[1] = family == AF_INET ? 0 : a1;
+	addr[2] = family == AF_INET ? bpf_htonl(0xffff) : a2;
+	addr[3] = family == AF_INET ? ip4 : a3;
+}
+
+/* The host a connection's learning belongs to: its route's gateway, or the peer. */
+static __always_inline bool host_of(struct bpf_sock_ops *ops, void *sk, struct host_key *key)
+{
+	void *dst = NULL;
+	u8 gw_family = 0;
+	u32 flags = 0;
+
+	if (!sk)
+		return false;
+	key->netns_cookie = net_cookie(sk_net(sk));
+	peer_address(ops, key->addr);
+	READ_AT(dst, sk, OFF_SK_DST_CACHE);
+	if (!dst)
+		return true;
+	if (v4_mapped(key->addr)) {
+		READ_AT(gw_family, dst, OFF_RT_GW_FAMILY);
+		if (gw_family == AF_INET)
+			READ_AT(key->addr[3], dst, OFF_RT_GW4);
+	} else {
+		READ_AT(flags, dst, OFF_RT6_FLAGS);
+		if (flags & RTF_GATEWAY)
+			READ_AT(key->addr, dst, OFF_RT6_GATEWAY);
+	}
+	return true;
+}
+
+static __always_inline void set_flags(struct bpf_sock_ops *ops, u32 on, u32 off)
+{
+	bpf_sock_ops_cb_flags_set(ops, (ops->bpf_sock_ops_cb_flags | on) & ~off);
+}
+
+static __always_inline int set_algorithm(struct bpf_sock_ops *ops, s32 alg)
+{
+	u32 index = alg;
+	struct alg_name *name = algorithms.lookup(&index);
+	u64 *chosen;
+	int err;
+
+	if (!name)
+		return -1;
+	err = bpf_setsockopt(ops, SOL_TCP, TCP_CONGESTION, name->name, CA_NAME_LEN);
+	chosen = choices.lookup(&index);
+	if (!err && chosen)
+		(*chosen)++;
+	return err;
+}
+
+/* The algorithm with the lowest learned cost (ties broken at random), and with
+ * probability 1/EPSILON any one at random. */
+static __always_inline s32 choose(struct host_state *host, u32 *greedy)
+{
+	s32 best = 0, ties = 0;
+	s64 least = 0;
+
+#pragma unroll
+	for (int i = 0; i < MAX_ALGS; i++) {
+		if (i >= N_ALGS)
+			break;
+		if (i == 0 || host->algs[i].metric < least) {
+			best = i;
+			least = host->algs[i].metric;
+			ties = 1;
+		} else if (host->algs[i].metric == least && bpf_get_prandom_u32() % ++ties == 0) {
+			best = i;
+		}
+	}
+	*greedy = 1;
+	if (bpf_get_prandom_u32() % EPSILON == 0) {
+		s32 explored = bpf_get_prandom_u32() % N_ALGS;
+
+		*greedy = explored == best;
+		best = explored;
+	}
+	return best;
+}
+
+static __always_inline void established(struct bpf_sock_ops *ops, struct bpf_sock *bsk)
+{
+	struct host_state fresh = { .instances = 1 }, *host;
+	struct host_key key = {};
+	struct conn_state *conn;
+	void *sk = kernel_sock(bsk);
+	u32 greedy;
+	s32 alg;
+
+	if (!host_of(ops, sk, &key) || manual_netns.lookup(&key.netns_cookie))
+		return;
+	set_flags(ops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG, 0);
+	conn = conns.sk_storage_get(bsk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!conn)
+		return;
+	conn->alg = -1;
+	host = hosts.lookup(&key);
+	if (!host) {
+		hosts.update(&key, &fresh);
+		return;
+	}
+	if (__sync_fetch_and_add(&host->instances, 1) + 1 < KNOWN_AFTER)
+		return;
+	alg = choose(host, &greedy);
+	if (set_algorithm(ops, alg) == 0) {
+		conn->alg = alg;
+		conn->greedy = greedy;
+	}
+}
+
+static __always_inline bool is_bbr(struct bpf_sock_ops *ops)
+{
+	char name[CA_NAME_LEN] = {};
+
+	if (bpf_getsockopt(ops, SOL_TCP, TCP_CONGESTION, name, sizeof(name)))
+		return false;
+	return name[0] == 'b' && name[1] == 'b' && name[2] == 'r' && name[3] == 0;
+}
+
+static __always_inline void report_loss(struct bpf_sock_ops *ops, struct host_key *key,
+					struct host_state *host)
+{
+	struct loss_report report = {};
+	u64 now = bpf_ktime_get_ns();
+	int zero = 0;
+	s64 none = 0;
+
+	if (now - host->last_loss_report < 1000000000ULL ||
+	    over_budget(loss_budget.lookup(&zero), LOSS_REPORTS_PER_SEC))
+		return;
+	host->last_loss_report = now;
+	peer_address(ops, report.addr);
+	report.family = ops->family;
+	report.switches = host->bbr_switches;
+	report.retrans = ops->total_retrans;
+	report.segs_out = ops->segs_out;
+	send_event_with(NO_PID, key->netns_cookie, SCENARIO_BBR_ON_LOSS, TUNABLE_PER_SOCKET,
+			&none, &none, 0, ALG_BBR, &report, sizeof(report));
+}
+
+static __always_inline void retransmitted(struct bpf_sock_ops *ops, struct bpf_sock *bsk)
+{
+	struct host_key key = {};
+	struct host_state *host;
+	struct conn_state *conn;
+	int zero = 0, thin = 1;
+	u64 *thinned;
+
+	if (ALG_BBR < 0 || ops->total_retrans <= ops->segs_out >> 6)
+		return;
+	set_flags(ops, 0, BPF_SOCK_OPS_RETRANS_CB_FLAG);	/* decided, once */
+	if (is_bbr(ops))
+		return;
+	conn = conns.sk_storage_get(bsk, NULL, 0);
+	if ((!conn || conn->alg < 0) && tunable_value(TUNABLE_THIN_LINEAR_TIMEOUTS, 0) == 0 &&
+	    bpf_setsockopt(ops, SOL_TCP, TCP_THIN_LINEAR_TIMEOUTS, &thin, sizeof(thin)) == 0) {
+		thinned = thin_timeouts.lookup(&zero);
+		if (thinned)
+			__sync_fetch_and_add(thinned, 1);
+	}
+	if (set_algorithm(ops, ALG_BBR) != 0)
+		return;
+	if (conn) {
+		conn->alg = ALG_BBR;
+		conn->greedy = 0;
+	}
+	if (!host_of(ops, kernel_sock(bsk), &key))
+		return;
+	host = hosts.lookup(&key);
+	if (!host)
+		return;
+	__sync_fetch_and_add(&host->bbr_switches, 1);
+	report_loss(ops, &key, host);
+}
+
+/* v moves 1/2^RL_SHIFT of the way to gain (upstream's rl_update). */
+static __always_inline s64 rl_update(s64 v, s64 gain)
+{
+	return v == 0 ? gain : v + ((gain - v) >> RL_SHIFT);
+}
+
+static __always_inline void closing(struct bpf_sock_ops *ops, struct bpf_sock *bsk)
+{
+	struct conn_state *conn = conns.sk_storage_get(bsk, NULL, 0);
+	struct host_key key = {};
+	struct host_state *host;
+	struct alg_state *a;
+	u64 rtt = ops->rtt_min, rate = 0;
+	s64 cost = 0;
+	u32 alg;
+
+	if (!conn || conn->alg < 0 || conn->alg >= MAX_ALGS)
+		return;
+	alg = conn->alg;
+	conn->alg = -1;		/* scored once */
+	if (!host_of(ops, kernel_sock(bsk), &key))
+		return;
+	host = hosts.lookup(&key);
+	if (!host || alg >= MAX_ALGS)
+		return;
+	if (ops->rate_interval_us)
+		rate = (u64)ops->rate_delivered * ops->mss_cache * MILLION / ops->rate_interval_us;
+	if (!host->min_rtt || rtt < host->min_rtt)
+		host->min_rtt = rtt;
+	if (rate > host->max_rate)
+		host->max_rate = rate;
+	a = &host->algs[alg];
+	if (!a->min_rtt || rtt < a->min_rtt)
+		a->min_rtt = rtt;
+	if (rate > a->max_rate)
+		a->max_rate = rate;
+	/* Upstream scores the algorithm's best rate, not this connection's: a bad connection
+	 * then never costs the algorithm anything for its rate. */
+	if (host->min_rtt)
+		cost += (s64)((rtt - host->min_rtt) * MILLION / host->min_rtt);
+	if (host->max_rate)
+		cost += (s64)((host->max_rate - rate) * MILLION / host->max_rate);
+	a->metric = rl_update(a->metric, cost);
+	a->count++;
+	if (conn->greedy)
+		a->greedy++;
+}
+
+int conn_tuner(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk = ops->sk;
+
+	if (!sk)
+		return 1;
+	switch (ops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		established(ops, sk);
+		break;
+	case BPF_SOCK_OPS_RETRANS_CB:
+		retransmitted(ops, sk);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (ops->args[1] == BPF_TCP_FIN_WAIT1 || ops->args[1] == BPF_TCP_CLOSE_WAIT)
+			closing(ops, sk);
+		break;
+	}
+	return 1;
+}

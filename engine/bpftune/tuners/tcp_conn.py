@@ -1,0 +1,245 @@
+"""tcp_conn: each TCP connection's congestion control, chosen per remote host by
+reinforcement learning; lossy connections switched to BBR.
+
+Everything per connection happens in bpf/tcp_conn.bpf.c, a sockops program: it picks an
+algorithm for each new connection by epsilon-greedy learning over the algorithms this kernel
+offers (the cost: how far a connection's min RTT is above its host's best and its delivery
+rate below its host's best), and switches a connection whose retransmissions exceed 1/64 of
+its segments to BBR. This module names the algorithms, logs the loss switches (coalesced per
+host), counts, summarizes and publishes what the program learned. The system default
+``net.ipv4.tcp_congestion_control`` is never changed; an administrator's write to it (or to
+the allowed list, or to tcp_thin_linear_timeouts) hands the tuner over.
+
+Upstream behaviour: reference section 5.2. We differ where marked "Upstream".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import ipaddress
+import shutil
+import subprocess
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, ClassVar
+
+from bpftune import sysctl
+from bpftune.btf import Field
+from bpftune.events import Event
+from bpftune.hooks import Watch, sock_ops
+from bpftune.log import log
+from bpftune.tuner import Published, Scenario, Tunable, Tuner
+
+if TYPE_CHECKING:
+    from bpftune.engine import Engine
+
+#: Upstream's algorithms, in its order, and reno, which every kernel has. Those the kernel
+#: offers (built in, or as a module we can load) are learned over.
+CANDIDATES = ("cubic", "bbr", "htcp", "dctcp", "reno")
+MODULES = ("tcp_htcp", "tcp_dctcp")
+MAX_ALGS = 6  # as bpf/tcp_conn.bpf.c
+#: A host's loss switches are logged at most once this often, and all hosts' at most
+#: LOSS_LINES times a minute: 10,000 lossy connections a second must not write as many lines.
+LOSS_LOG_SECONDS, LOSS_LINES = 60.0, 20
+MAX_LOGGED_HOSTS = 4096
+
+
+class LossReport(ct.Structure):
+    """The event payload (struct loss_report)."""
+
+    _fields_ = [("addr", ct.c_uint32 * 4), ("family", ct.c_uint32), ("pad", ct.c_uint32),
+                ("switches", ct.c_uint64), ("retrans", ct.c_uint64),
+                ("segs_out", ct.c_uint64)]
+
+
+def address_of(words) -> str:
+    """An address as the BPF program stores it (IPv6, IPv4-mapped), as people write it."""
+    address = ipaddress.IPv6Address(bytes(ct.string_at(ct.addressof(words), 16)))
+    return str(address.ipv4_mapped or address)
+
+
+def available_algorithms() -> list[str]:
+    """Upstream loads the modules of its algorithms; we load those the kernel has as
+    modules (errors ignored, as upstream) and take what it then offers."""
+    modprobe = shutil.which("modprobe")
+    if modprobe:
+        for module in MODULES:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([modprobe, "-q", module], check=False, timeout=10,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    offered = sysctl.read("net.ipv4.tcp_available_congestion_control", string=True).split()
+    return [a for a in CANDIDATES if a in offered][:MAX_ALGS]
+
+
+class TcpConnTuner(Tuner):
+    name = "tcp_conn"
+    pmda_cluster = 11
+    bpf_source = "tcp_conn.bpf.c"
+    features = frozenset({"btf", "ringbuf", "sockops"})
+    watches = (Watch("connections", (sock_ops("conn_tuner", needs="BPF_SOCK_OPS_RETRANS_CB"),)),)
+    fields: ClassVar[dict[str, Field]] = {
+        "OFF_SK_DST_CACHE": Field("sock.sk_dst_cache", 8),
+        "OFF_RT_GW_FAMILY": Field("rtable.rt_gw_family", 1),
+        "OFF_RT_GW4": Field("rtable.rt_gw4", 4),
+        "OFF_RT6_GATEWAY": Field("rt6_info.rt6i_gateway", 16),
+        "OFF_RT6_FLAGS": Field("rt6_info.rt6i_flags", 4),
+    }
+    payload = LossReport
+    payload_struct = "loss_report"
+    published = (
+        Published("connections", "connections set to each congestion control algorithm",
+                  unit="count", counter=True, instances="algorithm"),
+        Published("bbr_switches", "connections switched to BBR because of loss, per host "
+                  "(instances: netns/address)", unit="count", counter=True, instances="host",
+                  alarm=0.1,
+                  alarm_help="Loss keeps forcing connections to one host (or gateway) onto "
+                  "BBR: more than one connection every 10 seconds retransmitted more than 1/64 "
+                  "of its segments. bpftune switches each to BBR, which copes with random loss, "
+                  "but the loss itself is on the path to that host: check its links, queues "
+                  "and firewall rules (the instance names the namespace and address)."),
+        Published("host_metric", "learned cost of each algorithm per host, lower is better "
+                  "(parts per million above the host's least RTT plus below its best delivery "
+                  "rate; 0 until measured)", instances="host/algorithm"),
+        Published("host_connections", "connections measured per host and algorithm",
+                  unit="count", counter=True, instances="host/algorithm"),
+    )
+    # Per socket: set with bpf_setsockopt, no sysctl (upstream's net.persock tunable).
+    PER_SOCKET = Tunable("TCP congestion control", sysctl=False, namespaced=True)
+    # Never changed: declared so an administrator's write hands the tuner over. Upstream
+    # adds its algorithms to the allowed list at start; bpf_setsockopt is not bound by it
+    # (the kernel treats BPF as CAP_NET_ADMIN), so we leave it as it is.
+    ALLOWED = Tunable("net.ipv4.tcp_allowed_congestion_control", string=True)
+    DEFAULT = Tunable("net.ipv4.tcp_congestion_control", string=True, namespaced=True)
+    THIN_LINEAR_TIMEOUTS = Tunable("net.ipv4.tcp_thin_linear_timeouts", namespaced=True)
+    SPECIFY = Scenario("specify TCP congestion control algorithm",
+                       "To optimize TCP performance, a TCP congestion control algorithm was "
+                       "chosen to mimimize round-trip time and maximize delivery rate.")
+    BBR_ON_LOSS = Scenario("specify bbr congestion control",
+                           "Because loss rate has exceeded 1 percent for a connection, use bbr "
+                           "congestion control algorithm instead of default")
+
+    def __init__(self, engine: Engine, tuner_id: int) -> None:
+        super().__init__(engine, tuner_id)
+        self.choices_counted = 0
+        self.switches_counted: dict[int, int] = {}  # netns -> loss switches counted
+        #: (netns, address) -> (when last logged, switches then)
+        self.logged: dict[tuple[int, str], tuple[float, int]] = {}
+        self.lines: list[float] = []  # when loss lines were written, the last minute's
+        self.clock = time.monotonic
+
+    @cached_property
+    def algorithms(self) -> list[str]:
+        return available_algorithms()
+
+    def compile_defines(self) -> list[str]:
+        bbr = self.algorithms.index("bbr") if "bbr" in self.algorithms else -1
+        return [f"-DN_ALGS={len(self.algorithms)}", f"-DALG_BBR={bbr}"]
+
+    def init(self) -> None:
+        table = self.bpf["algorithms"]
+        for index, name in enumerate(self.algorithms):
+            table[table.Key(index)] = table.Leaf(name.encode())
+        log.debug(f"{self.name}: learning over {', '.join(self.algorithms)}")
+
+    # What the program did.
+    def _choices(self) -> list[int]:
+        table = self.bpf["choices"]
+        return [sum(table[table.Key(i)]) for i in range(len(self.algorithms))]
+
+    def _hosts(self) -> list[tuple[str, object]]:
+        """(instance name, state) of each host the program keeps."""
+        return [(f"{self.engine.namespaces.name(k.netns_cookie)}/{address_of(k.addr)}", v)
+                for k, v in self.bpf["hosts"].items()]
+
+    def tick(self, now: float) -> None:
+        """Scenario counts follow the program's own counters (events are coalesced): loss
+        switches per namespace, choices (counted per algorithm only) in the global one."""
+        choices = sum(self._choices())
+        self.count(self.PER_SOCKET, self.SPECIFY, 0, times=choices - self.choices_counted)
+        self.choices_counted = choices
+        switches: dict[int, int] = {}
+        for key, host in self.bpf["hosts"].items():
+            switches[key.netns_cookie] = switches.get(key.netns_cookie, 0) + host.bbr_switches
+        for cookie, n in switches.items():
+            counted = self.switches_counted.get(cookie, 0)
+            if n > counted:  # hosts dropped from the program's table take their counts away
+                self.count(self.PER_SOCKET, self.BBR_ON_LOSS, cookie, times=n - counted)
+                self.switches_counted[cookie] = n
+
+    def handle(self, event: Event) -> None:
+        report = event.payload(LossReport)
+        address = address_of(report.addr)
+        key = (event.netns_cookie, address)
+        now = self.clock()
+        last, switches_then = self.logged.get(key, (-LOSS_LOG_SECONDS, 0))
+        self.lines = [t for t in self.lines if now - t < 60]
+        if now - last < LOSS_LOG_SECONDS or len(self.lines) >= LOSS_LINES:
+            return
+        if len(self.logged) >= MAX_LOGGED_HOSTS:
+            self.logged.pop(next(iter(self.logged)))
+        self.logged[key] = (now, report.switches)
+        self.lines.append(now)
+        since = report.switches - switches_then
+        where = ("" if self.engine.namespaces.is_global(event.netns_cookie)
+                 else f" in netns '{self.engine.namespaces.name(event.netns_cookie)}'")
+        more = f" ({since} connections to it so far)" if since > 1 else ""
+        self.report(self.PER_SOCKET, self.BBR_ON_LOSS, event.netns_cookie,
+                    f"due to loss events for {address}{where}, specify 'bbr' congestion "
+                    f"control algorithm{more}")
+
+    def netns_destroyed(self, cookie: int) -> None:
+        self.logged = {k: v for k, v in self.logged.items() if k[0] != cookie}
+        self.switches_counted.pop(cookie, None)
+        if self.bpf is not None:
+            hosts = self.bpf["hosts"]
+            for key in [k for k in hosts if k.netns_cookie == cookie]:
+                del hosts[key]
+            with contextlib.suppress(KeyError):
+                del self.bpf["manual_netns"][ct.c_uint64(cookie)]
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"logged": len(self.logged), "switches_counted": len(self.switches_counted)}
+
+    # Metrics and summary.
+    def published_values(self) -> dict[str, int | dict[str, int]]:
+        if self.bpf is None:
+            return {}
+        hosts = self._hosts()
+        per_alg = [(f"{name}/{alg}", v.algs[i]) for name, v in hosts
+                   for i, alg in enumerate(self.algorithms)]
+        return {"connections": dict(zip(self.algorithms, self._choices(), strict=True)),
+                "bbr_switches": {name: v.bbr_switches for name, v in hosts},
+                "host_metric": {name: a.metric for name, a in per_alg},
+                "host_connections": {name: a.count for name, a in per_alg}}
+
+    def summarize(self) -> list[str]:
+        if self.bpf is None:
+            return []
+        prefix = "# Summary: tcp_conn_tuner:"
+        lines = []
+        thin = self.bpf["thin_timeouts"][ct.c_int(0)].value
+        if thin:  # upstream's line, its typo included
+            lines.append(f"{prefix} set 'net.ipv4.tcp_thin_linear_timeouts' for {thin} "
+                         f"connections to improve responsiveness of thin flows durning "
+                         f"retransmission")
+        lines.append(f"{prefix} {'CongAlg':>20} {'Count':>20}")
+        lines += [f"{prefix} {alg:>20} {n:>20}"
+                  for alg, n in zip(self.algorithms, self._choices(), strict=True)]
+        if log.debugging:
+            lines.append(f"{prefix} {'IPAddress':>48} {'CongAlg':>8} {'Metric':>20} "
+                         f"{'Count':>8} {'Greedy':>8} {'MinRtt':>8} {'MaxDlvr':>8}")
+            for name, v in self._hosts():
+                for i, alg in enumerate(self.algorithms):
+                    a = v.algs[i]
+                    lines.append(f"{prefix} {name:>48} {alg:>8} {a.metric:>20} {a.count:>8} "
+                                 f"{a.greedy:>8} {a.min_rtt:>8} {a.max_rate:>8}")
+        return lines
+
+    def handed_over(self, cookie: int) -> None:
+        """Upstream's sockops program goes on choosing in a namespace handed to an
+        administrator; ours is told to leave its connections alone."""
+        if self.bpf is not None:
+            table = self.bpf["manual_netns"]
+            table[ct.c_uint64(cookie)] = ct.c_uint8(1)
+

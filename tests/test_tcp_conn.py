@@ -1,0 +1,210 @@
+"""tcp_conn: real TCP connections from a test namespace (whose default algorithm is cubic) to
+the global one. Loss comes from an nftables rule dropping 10% of the test's packets where
+they enter the global namespace (this kernel has no netem)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from pyroute2 import netns as pyroute2_netns
+
+from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, wait_until
+from pcp_helpers import pmda_installed, pminfo
+
+PORT = 5311
+DEFAULT = "net.ipv4.tcp_congestion_control"
+ALLOWED = "net.ipv4.tcp_allowed_congestion_control"
+NFT_TABLE = "bpftune_test_loss"
+
+
+def bpf_programs(name: str) -> int:
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], check=True,
+                                      capture_output=True, text=True).stdout)
+    return sum(1 for p in progs if p.get("name") == name)
+
+
+def published(name: str) -> dict[str, int]:
+    state = json.loads(subprocess.run([BPFTUNE, "-q", "state"], capture_output=True,
+                                      text=True, check=True, timeout=30).stdout)
+    (tuner,) = (t for t in state["tuners"] if t["name"] == "tcp_conn")
+    (value,) = (p["value"] for p in tuner["published"] if p["name"] == name)
+    return value
+
+
+@pytest.fixture
+def cubic_ns(hosts, sysctls):
+    """The test namespace's default is cubic (this kernel's is bbr). Outside the initial
+    namespace the kernel only lets a default be one of the allowed algorithms, and this
+    kernel allows only reno and bbr: cubic is allowed for the test."""
+    sysctls.set(ALLOWED, f"{read_sysctl(ALLOWED)} cubic")
+    sysctls.set(DEFAULT, "cubic", hosts.ns)
+    return hosts
+
+
+@pytest.fixture
+def lossy(cubic_ns):
+    """10% of the packets the test namespace sends to PORT are dropped on arrival."""
+    rules = (f"add table inet {NFT_TABLE}\n"
+             f"add chain inet {NFT_TABLE} in {{ type filter hook input priority 0; }}\n"
+             f"add rule inet {NFT_TABLE} in iifname {cubic_ns.global_if} tcp dport {PORT} "
+             f"numgen random mod 100 < 10 drop\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        yield cubic_ns
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+
+
+class Sink:
+    """A server in the global namespace that reads whatever it is sent."""
+
+    def __init__(self, address: str) -> None:
+        self.server = socket.create_server((address, PORT))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+
+    def close(self) -> None:
+        # shutdown wakes the accept() in progress: close alone leaves the port listening
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(timeout=10)
+
+
+def in_netns(ns: str, work):
+    """Run ``work()`` in a thread inside namespace ``ns`` (sockets it makes live there)."""
+    result: list = []
+
+    def run() -> None:
+        pyroute2_netns.setns(ns)
+        result.append(work())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert result, "the work in the namespace failed"
+    return result[0]
+
+
+def send(address: str, megabytes: float, seen: list[str] | None = None) -> None:
+    """One connection to the sink; with ``seen``, its congestion control is recorded."""
+    with socket.create_connection((address, PORT)) as s:
+        chunk = b"x" * 65536
+        for _ in range(int(megabytes * 16)):
+            s.sendall(chunk)
+        if seen is not None:
+            seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+                        .rstrip(b"\0").decode())
+
+
+def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
+    hosts = lossy
+    sink = Sink(hosts.global_addr)
+    defaults = (read_sysctl(DEFAULT), read_sysctl(DEFAULT, hosts.ns))
+    try:
+        with pmda_installed(), daemon(tmp_path) as d:
+            seen: list[str] = []
+            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 8, seen) for _ in range(3)])
+            assert "bbr" in seen, seen
+            d.wait_for(r"Scenario 'specify bbr congestion control' occurred for tunable 'TCP "
+                       r"congestion control' in non-global ns\. Because loss rate has exceeded "
+                       r"1 percent for a connection, use bbr congestion control algorithm "
+                       r"instead of default\n")
+            d.wait_for(rf"due to loss events for {re.escape(hosts.global_addr)} in netns "
+                       rf"'{hosts.ns}', specify 'bbr' congestion control algorithm")
+            host = f"{hosts.ns}/{hosts.global_addr}"
+            assert published("bbr_switches")[host] >= 1
+            assert published("connections")["bbr"] >= 1
+            time.sleep(2)  # the PMDA polls the daemon once a second
+            out = pminfo("-f", "bpftune.tcp_conn.bbr_switches",
+                         "bpftune.tcp_conn.scenarios.specify_bbr_congestion_control")
+            assert re.search(rf'inst \[\d+ or "{re.escape(host)}"\] value [1-9]', out), out
+            scenarios = out.split("specify_bbr_congestion_control")[1]
+            assert re.search(rf'inst \[\d+ or "{hosts.ns}"\] value [1-9]', scenarios), out
+            assert (read_sysctl(DEFAULT), read_sysctl(DEFAULT, hosts.ns)) == defaults
+    finally:
+        sink.close()
+    # One line per host however many connections: repeats are coalesced.
+    assert d.log.count(f"due to loss events for {hosts.global_addr}") == 1
+    assert (read_sysctl(DEFAULT), read_sysctl(DEFAULT, hosts.ns)) == defaults
+    assert re.search(r"# Summary: tcp_conn_tuner: +bbr +[1-9]", d.log)
+
+
+def test_without_loss_the_learner_tries_each_algorithm_per_host(tmp_path, hosts):
+    """The allowed list (reno bbr here) does not bind bpf_setsockopt: cubic is set too."""
+    assert "cubic" not in read_sysctl(ALLOWED).split()
+    sink = Sink(hosts.global_addr)
+    try:
+        with daemon(tmp_path, "-d") as d:
+            seen: list[str] = []
+            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 0.5, seen) for _ in range(40)])
+            host = f"{hosts.ns}/{hosts.global_addr}"
+            tried = published("host_connections")
+            algorithms = {k.rsplit("/", 1)[1] for k, n in tried.items()
+                          if k.startswith(host + "/") and n > 0}
+            assert algorithms >= {"reno", "cubic", "bbr"}, tried
+            assert set(published("host_metric")) >= {f"{host}/{a}" for a in algorithms}
+            assert set(seen) >= {"reno", "cubic", "bbr"}, seen  # set on the connections
+    finally:
+        sink.close()
+    assert re.search(rf"# Summary: tcp_conn_tuner: +{re.escape(host)} +cubic +\d+ +[1-9]",
+                     d.log), d.log
+
+
+def test_the_sockops_program_is_detached_on_exit_and_after_kill_9(tmp_path):
+    assert bpf_programs("conn_tuner") == 0
+    with daemon(tmp_path / "first", restore=False) as first:
+        assert bpf_programs("conn_tuner") == 1
+        first.stop(signal.SIGKILL)
+    assert bpf_programs("conn_tuner") == 1  # a killed daemon leaves it attached
+    with daemon(tmp_path / "second"):
+        assert wait_until(lambda: bpf_programs("conn_tuner") == 1)  # the stale one is gone
+    assert bpf_programs("conn_tuner") == 0
+
+
+def test_an_administrators_write_to_the_default_hands_the_tuner_over(tmp_path, sysctls):
+    sysctls.remember(DEFAULT)
+    with daemon(tmp_path) as d:
+        subprocess.run(["sysctl", "-qw", f"{DEFAULT}={read_sysctl(DEFAULT)}"], check=True)
+        d.wait_for(rf"modified sysctl '{DEFAULT}' that tuner 'tcp_conn' uses; disabling "
+                   rf"'tcp_conn' for namespace cookie {netns_cookie(None)}")
+        assert wait_until(lambda: bpf_programs("conn_tuner") == 0)
+        tuners = subprocess.run([BPFTUNE, "-q", "tuners"], capture_output=True, text=True,
+                                check=True).stdout
+        assert re.search(r"tcp_conn +manual", tuners), tuners
+
+
+def test_a_namespace_handed_over_keeps_its_own_choices(tmp_path, hosts):
+    sink = Sink(hosts.global_addr)
+    try:
+        with daemon(tmp_path) as d:
+            subprocess.run([*ns_prefix(hosts.ns), "sysctl", "-qw", f"{DEFAULT}=reno"],
+                           check=True)
+            d.wait_for(rf"modified sysctl '{DEFAULT}' that tuner 'tcp_conn' uses")
+            seen: list[str] = []
+            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 0.2, seen) for _ in range(12)])
+    finally:
+        sink.close()
+    assert set(seen) == {"reno"}, seen
