@@ -5,6 +5,7 @@ they enter the global namespace (this kernel has no netem)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import json
 import re
 import signal
@@ -208,3 +209,55 @@ def test_a_namespace_handed_over_keeps_its_own_choices(tmp_path, hosts):
     finally:
         sink.close()
     assert set(seen) == {"reno"}, seen
+
+
+# Coalescing loss lines (pure logic: events as the program sends them).
+class FakeNamespaces:
+    def is_global(self, cookie: int) -> bool:
+        return cookie == 0
+
+    def name(self, cookie: int) -> str:
+        return "global" if cookie == 0 else f"cookie-{cookie}"
+
+
+def loss_event(host: int, switches: int, cookie: int = 7):
+    from bpftune.events import Event
+    from bpftune.tuners.tcp_conn import LossReport
+
+    event = Event(netns_cookie=cookie)
+    report = LossReport(family=socket.AF_INET, switches=switches)
+    report.addr[2] = socket.htonl(0xFFFF)
+    report.addr[3] = socket.htonl(0x0A000000 + host)
+    ct.memmove(ct.addressof(event) + Event.str.offset, ct.addressof(report), ct.sizeof(report))
+    return event
+
+
+@pytest.fixture
+def conn_tuner():
+    from types import SimpleNamespace
+
+    from bpftune.tuners.tcp_conn import TcpConnTuner
+
+    lines: list[str] = []
+    changes = SimpleNamespace(report=lambda tuner, tunable, scenario, cookie, reason:
+                              lines.append(reason))
+    tuner = TcpConnTuner(SimpleNamespace(namespaces=FakeNamespaces(), changes=changes), 0)
+    now = [1000.0]
+    tuner.clock = lambda: now[0]
+    return tuner, lines, now
+
+
+def test_loss_lines_are_coalesced_per_host_and_capped_in_all(conn_tuner):
+    tuner, lines, now = conn_tuner
+    for n in range(10_000):  # a second of lossy connections to 10,000 hosts
+        tuner.handle(loss_event(n % 10_000, 1))
+    assert len(lines) == 20  # LOSS_LINES a minute in all
+    lines.clear()
+    now[0] += 61
+    for n in range(100):  # one host, again and again
+        tuner.handle(loss_event(1, 2 + n))
+    assert lines == ["due to loss events for 10.0.0.1 in netns 'cookie-7', specify 'bbr' "
+                     "congestion control algorithm"]
+    now[0] += 61
+    tuner.handle(loss_event(1, 500))
+    assert lines[-1].endswith("(498 connections to it so far)")
