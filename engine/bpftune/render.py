@@ -34,7 +34,7 @@ def registry() -> list[dict]:
                      "unit": UNITS.get(t.unit, "short"), "pages": t.unit == "pages",
                      "metrics": metrics.tunable_metrics(cls.name, t.name)}
                     for t in cls.tunables if t.sysctl and t.values >= 1]
-        scenarios = [{"name": s.name, "description": s.description,
+        scenarios = [{"name": s.name, "description": s.description, "routine": s.routine,
                       "metric": metrics.scenario_metric(cls.name, s.name)}
                      for s in cls.scenarios]
         published = [{"name": p.name, "help": p.help, "instances": p.instances,
@@ -109,10 +109,10 @@ def render_pcp(out: Path, interval: str = "10 sec") -> list[Path]:
     # One rule per tuner: pmieconf refuses a predicate string past about 2 KB.
     repeated = env.get_template("pmieconf-scenario-repeated.j2")
     for tuner in tuners:
-        if tuner["scenarios"]:
+        alarming = [s for s in tuner["scenarios"] if not s["routine"]]
+        if alarming:
             path = f"pmieconf/bpftune/scenario_repeated_{tuner['name']}"
-            _write(out / path, repeated.render(tuner=tuner["name"],
-                                               scenarios=tuner["scenarios"]))
+            _write(out / path, repeated.render(tuner=tuner["name"], scenarios=alarming))
             files[path] = ""
     alarm = env.get_template("pmieconf-published-alarm.j2")
     for tuner in tuners:

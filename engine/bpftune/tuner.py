@@ -76,6 +76,9 @@ class Tunable:
 class Scenario:
     name: str
     description: str
+    #: It happens per connection in normal operation (tcp_conn's choices): no pmie rule
+    #: alarms on it repeating.
+    routine: bool = False
 
 
 @dataclass(frozen=True)

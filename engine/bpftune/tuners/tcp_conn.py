@@ -114,10 +114,12 @@ class TcpConnTuner(Tuner):
     THIN_LINEAR_TIMEOUTS = Tunable("net.ipv4.tcp_thin_linear_timeouts", namespaced=True)
     SPECIFY = Scenario("specify TCP congestion control algorithm",
                        "To optimize TCP performance, a TCP congestion control algorithm was "
-                       "chosen to mimimize round-trip time and maximize delivery rate.")
+                       "chosen to mimimize round-trip time and maximize delivery rate.",
+                       routine=True)
     BBR_ON_LOSS = Scenario("specify bbr congestion control",
                            "Because loss rate has exceeded 1 percent for a connection, use bbr "
-                           "congestion control algorithm instead of default")
+                           "congestion control algorithm instead of default",
+                           routine=True)  # the bbr_switches alarm watches it per host
 
     def __init__(self, engine: Engine, tuner_id: int) -> None:
         super().__init__(engine, tuner_id)
