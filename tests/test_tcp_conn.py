@@ -16,7 +16,9 @@ import time
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
+from test_pmlogger import pmie_config
 
+from bpftune.render import render_pcp
 from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, wait_until
 from pcp_helpers import pmda_installed, pminfo
 
@@ -145,6 +147,14 @@ def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
             scenarios = out.split("specify_bbr_congestion_control")[1]
             assert re.search(rf'inst \[\d+ or "{hosts.ns}"\] value [1-9]', scenarios), out
             assert (read_sysctl(DEFAULT), read_sysctl(DEFAULT, hosts.ns)) == defaults
+            # The shipped pmie rule sees loss keep forcing BBR for that host.
+            render_pcp(tmp_path / "pcp", interval="1 sec")
+            pmie = subprocess.Popen(["pmie", "-c", str(pmie_config(tmp_path / "pcp", tmp_path)),
+                                     "-v", "-T", "10sec"], stdout=subprocess.PIPE, text=True)
+            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 4) for _ in range(6)])
+            fired = pmie.communicate(timeout=60)[0]
+            assert re.search(r"^bpftune\.tcp_conn_bbr_switches(?: \(.*\))?: true$", fired,
+                             re.M), fired
     finally:
         sink.close()
     # One line per host however many connections: repeats are coalesced.
