@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 
 from bpftune.metrics import scenario_metric
 from pcp_helpers import TOO_MANY, Dbpmda, FakeDaemon, canned_state, dbpmda, fetched, tunable
+from pcp_helpers import tuner as tuner_state
 
 
 @pytest.fixture
@@ -398,3 +400,43 @@ def test_published_values_have_stable_numbers_help_units_and_instances(fake, var
         assert fetched(out, "486.10.256") == {"cubic": "3", "bbr": "9"}
         assert fetched(out, "486.10.257") == {None: "4096"}
         assert fetched(out, "486.10.258") == {None: "7"}
+
+
+def with_strategy(state: dict, current: str, evaluations: dict) -> dict:
+    """``state`` with a plugin tuner 'strategy' in strategy ``current``."""
+    state = copy.deepcopy(state)
+    example = tuner_state("strategy", 1234, [], [])
+    example["strategy"] = current
+    example["strategies"] = [{"name": name, "description": name, "timeout": 30,
+                              "evaluation": evaluations.get(name)}
+                             for name in ("strategy_A", "strategy_B")]
+    state["tuners"].append(example)
+    return state
+
+
+def test_the_current_strategy_and_evaluations_with_stable_numbers(fake, var_dir):
+    first = fake.state
+    fake.state = with_strategy(first, "strategy_A", {})
+    commands = ("fetch bpftune.tuner.strategy bpftune.tuner.strategy_evaluation",
+                "fetch bpftune.tuner.state")
+    with Dbpmda(fake.path, var_dir) as db:
+        db.polled(fake)
+        out = db.run(*commands, "desc bpftune.tuner.strategy_evaluation",
+                     "label indom 486.2", "label item 486.1.6")
+        # The fixed tuner metrics keep their numbers (strategy is item 2); the evaluations
+        # are item 6, per <tuner>/<strategy>, none before the first evaluation.
+        assert fetched(out, "486.1.2") == {"strategy": '"strategy_A"'}
+        assert fetched(out, "486.1.6") == {}
+        assert fetched(out, "486.1.0")["tcp_buffer"] == '"active"'
+        assert "Data Type: double  InDom: 486.2 0x" in out
+        assert "Semantics: instant  Units: none" in out
+
+        fake.state = with_strategy(first, "strategy_B", {"strategy_A": 0.0, "strategy_B": 1.0})
+        db.polled(fake)
+        out = db.run(*commands)
+        assert fetched(out, "486.1.2") == {"strategy": '"strategy_B"'}
+        assert fetched(out, "486.1.6") == {"strategy/strategy_A": "0",
+                                           "strategy/strategy_B": "1"}
+        out = db.run("label instances 486.2")
+        assert '"strategy/strategy_B"' in db.run("instance 486.2")
+        assert re.search(r'Labels inst: 1\n\s+strategy="strategy_B"\n\s+tuner="strategy"', out)

@@ -82,6 +82,15 @@ def bcc_module():
     return bcc
 
 
+def _compiled_only():
+    """BCC's BPF, but compiling only: BPF() loads and attaches tracepoints and kfuncs."""
+    class CompiledOnly(bcc_module().BPF):
+        def _trace_autoload(self) -> None:
+            pass
+
+    return CompiledOnly
+
+
 class Programs:
     """The core BPF module (ring buffer, rate-limit map) and compilation of tuner programs."""
 
@@ -92,6 +101,9 @@ class Programs:
         self.learning_rate = learning_rate
         self.on_event = on_event
         self.events_received = 0
+        # Offset flags of each set of fields compiled for: a tuner compiled at start-up can
+        # be compiled again once the BTF is freed (a strategy switch).
+        self._offsets: dict[frozenset[tuple[str, Field]], list[str]] = {}
         bcc = bcc_module()
         with compiler_output_to_log():
             try:
@@ -127,14 +139,13 @@ class Programs:
 
     def compile(self, source: Path, tuner_id: int, fields: dict[str, Field], *,
                 text: str | None = None, defines: list[str] | None = None,
-                checks: str = ""):
-        """Compile a tuner's BPF source; tracepoints and fentry attach automatically.
+                checks: str = "", attach: bool = True):
+        """Compile a tuner's BPF source; tracepoints and fentry attach automatically, unless
+        not ``attach`` (then nothing is loaded into the kernel but its maps).
         ``text`` is the source's content when the caller has read it (a plugin's, after the
         trust checks); otherwise ``source`` must be a file of bpf_dir(). ``defines`` are the
         tuner's ids and its plan's hooks (-D flags); ``checks`` is C appended to the source
         (static assertions of the tuner's event payload layout)."""
-        if self.btf is None:
-            raise BpfError("BPF programs can only be loaded at start-up")
         cflags = [
             f"-I{self.dir}",
             f"-DTUNER_ID={tuner_id}",
@@ -143,16 +154,25 @@ class Programs:
             f"-DGLOBAL_NETNS_COOKIE={current_cookie()}ULL",
             f"-DSAMPLE_EVERY={SAMPLE_EVERY}",
             f"-DSAMPLE_SLOTS={SAMPLE_SLOTS}",
-            *offset_defines(self.btf, COMMON_FIELDS | fields),
+            *self._offset_defines(COMMON_FIELDS | fields),
             *(defines or []),
         ]
         with compiler_output_to_log():
             try:
-                return bcc_module().BPF(text=self._text(source, text, checks), cflags=cflags)
+                bpf_class = bcc_module().BPF if attach else _compiled_only()
+                return bpf_class(text=self._text(source, text, checks), cflags=cflags)
             except BpfError:
                 raise
             except Exception as e:
                 raise BpfError(f"cannot load BPF program {source.name}: {e}") from e
+
+    def _offset_defines(self, fields: dict[str, Field]) -> list[str]:
+        key = frozenset(fields.items())
+        if key not in self._offsets:
+            if self.btf is None:
+                raise BpfError("BPF programs can only be loaded at start-up")
+            self._offsets[key] = offset_defines(self.btf, fields)
+        return self._offsets[key]
 
     @property
     def events_dropped(self) -> int:
@@ -162,14 +182,23 @@ class Programs:
 
     def loading_done(self) -> None:
         """Once every program is compiled, give back what the parsed BTF (over 100 MB of
-        Python objects) and LLVM hold; later compiles are refused."""
+        Python objects) and LLVM hold; a later compile (a strategy switch) can only reuse the
+        field offsets of an earlier one."""
         self.btf = None
         gc.collect()
+        self.release_memory()
+
+    def release_memory(self) -> None:
+        """Give back what compiling took (LLVM's code pages, freed heap)."""
         self.core.free_bcc_memory()
         ct.CDLL(None).malloc_trim(0)  # hand freed heap pages back to the kernel
 
     def poll(self, timeout_ms: int) -> None:
         self.core.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        """Handle every event already in the ring buffers, now."""
+        self.core.ring_buffer_consume()
 
     def close(self) -> None:
         self.core.cleanup()

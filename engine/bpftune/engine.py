@@ -16,7 +16,7 @@ from bpftune.bpf import BpfError, Cgroup, Programs, bpf_dir, ensure_tracefs
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
 from bpftune.correlation import Correlations
-from bpftune.events import Event
+from bpftune.events import GENERATIONS, Event, event_tuner_id
 from bpftune.hooks import NotNeeded, Plan
 from bpftune.learning import LearningRate
 from bpftune.log import log
@@ -25,7 +25,7 @@ from bpftune.netns_watch import NetnsWatch
 from bpftune.paths import DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
 from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError
-from bpftune.tuner import Tuner, TunerState
+from bpftune.tuner import Strategy, Tuner, TunerState, choose_strategy
 
 POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
 TICK_SECONDS = 1.0
@@ -133,12 +133,11 @@ class Engine:
     def load(self, cls: type[Tuner]) -> Tuner | None:
         tuner = cls(self, len(self.tuners))
         try:
-            tuner.hooks = cls.plan(self.programs.btf, self.support.present)
+            tuner.plans = cls.strategy_plans(self.programs.btf, self.support.present)
+            tuner.hooks = tuner.plans[tuner.strategy]
             self._check_tunables(tuner)
-            if tuner.bpf_source:
-                tuner.bpf = self._compile(tuner)
-            self._attach_cgroup_programs(tuner)
-            tuner.publish_values()
+            self._load_bpf(tuner)
+            self._check_other_strategies(tuner)
             tuner.init()
         except NotNeeded as e:
             self.unloaded[tuner.name] = f"not needed: {e}"
@@ -149,35 +148,53 @@ class Engine:
             self._unload_bpf(tuner)
             return None
         tuner.state = TunerState.ACTIVE
+        tuner.arm_strategy_timeout(time.monotonic())
         self.tuners.append(tuner)
         log.debug(f"successfully initialized tuner {tuner!r} ({tuner.hooks.describe()})")
         return tuner
 
+    def _load_bpf(self, tuner: Tuner) -> None:
+        """Compile and attach the tuner's programs for its current plan (and strategy)."""
+        if tuner.bpf_source:
+            tuner.bpf = self._compile(tuner)
+        self._attach_cgroup_programs(tuner)
+        tuner.publish_values()
+
     def _compile(self, tuner: Tuner):
         """Compile with the tuner's plan; if the kernel refuses its fentry hooks (BTF lists
-        the function, but it may not be traceable), fall back to the plan without fentry."""
-        source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
-        text = plugins.bpf_text(tuner)
-
-        def compile_with(plan: Plan):
-            return self.programs.compile(source, tuner.id, tuner.fields, text=text,
-                                         defines=tuner.id_defines() + plan.cflags()
-                                         + tuner.compile_defines(),
-                                         checks=tuner.compile_checks())
+        the function, but it may not be traceable), fall back to the plan without fentry
+        (only at start-up, while the BTF is there)."""
         try:
-            return compile_with(tuner.hooks)
+            return self._compile_plan(tuner, tuner.hooks)
         except BpfError as e:
-            if not tuner.hooks.uses_trampolines():
+            if not tuner.hooks.uses_trampolines() or self.programs.btf is None:
                 raise
-            fallback = type(tuner).plan(self.programs.btf, self.support.present - {"fentry"})
+            tuner.plans = type(tuner).strategy_plans(self.programs.btf,
+                                                     self.support.present - {"fentry"})
+            fallback = tuner.hooks = tuner.plans[tuner.strategy]
             log.notice(f"{tuner.name}: fentry refused ({e}); using {fallback.describe()}")
-            tuner.hooks = fallback
-            return compile_with(fallback)
+            return self._compile_plan(tuner, fallback)
+
+    def _compile_plan(self, tuner: Tuner, plan: Plan, *, attach: bool = True):
+        source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
+        return self.programs.compile(source, event_tuner_id(tuner.id, tuner.generation),
+                                     tuner.fields, text=plugins.bpf_text(tuner),
+                                     defines=tuner.id_defines() + plan.cflags()
+                                     + tuner.compile_defines(),
+                                     checks=tuner.compile_checks(), attach=attach)
+
+    def _check_other_strategies(self, tuner: Tuner) -> None:
+        """Compile, loading nothing, the programs of the strategies not running: an error
+        of LLVM's BPF backend (e.g. over 512 bytes of stack) ends the process, so better at
+        start than at a switch."""
+        for strategy, plan in tuner.plans.items():
+            if strategy is not tuner.strategy and tuner.bpf_source:
+                self._compile_plan(tuner, plan, attach=False).cleanup()
 
     def _attach_cgroup_programs(self, tuner: Tuner) -> None:
         programs = tuner.cgroup_attachments()
-        if programs:
-            self.cgroup.detach_stale([p.function for p in programs])  # a killed bpftune's
+        if programs:  # a killed bpftune's, whatever strategy it was in
+            self.cgroup.detach_stale([p.function for p in tuner.every_cgroup_attachment()])
         for p in programs:
             self.cgroup.attach(tuner.bpf, p.function, p.kind)
 
@@ -204,10 +221,14 @@ class Engine:
             self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
-        if event.tuner_id >= len(self.tuners):
+        if event.tuner_index >= len(self.tuners):
             log.err(f"no tuner for id {event.tuner_id}")
             return
-        tuner = self.tuners[event.tuner_id]
+        tuner = self.tuners[event.tuner_index]
+        if event.generation != tuner.generation:
+            log.debug(f"event scenario [{event.scenario_id}] for tuner {tuner!r} skipped: "
+                      f"sent by BPF programs since unloaded (strategy switch)")
+            return
         active = tuner.state is TunerState.ACTIVE and not self.changes.is_manual(
             tuner, event.netns_cookie)
         log.debug(f"event scenario [{event.scenario_id}] for tuner {tuner!r} netns "
@@ -242,9 +263,68 @@ class Engine:
                 tuner.tick(now)
             except Exception as e:
                 log.err(f"{tuner.name}: error in periodic check: {e!r}")
+            if tuner.strategy_due is not None and now >= tuner.strategy_due:
+                try:
+                    self._reevaluate_strategies(tuner)
+                except Exception as e:
+                    log.err(f"{tuner.name}: error switching strategies: {e!r}")
+                finally:
+                    tuner.arm_strategy_timeout(now)  # the (new) current strategy's timeout
         self.namespaces.rescan_if_wanted()
         self.changes.forget_unknown_hand_overs(self.namespaces.last_full_scan)
         self.announce_new_namespaces()
+
+    # Strategies.
+    def _reevaluate_strategies(self, tuner: Tuner) -> None:
+        """Evaluate every strategy of ``tuner`` and switch to the best if it is another."""
+        evaluations: dict[Strategy, float | None] = {}
+        for strategy in tuner.strategies:
+            try:
+                evaluations[strategy] = tuner.evaluate_strategy(strategy)
+            except Exception as e:  # that strategy cannot win; the others still can
+                log.err(f"{tuner.name}: error evaluating strategy '{strategy.name}': {e!r}")
+                evaluations[strategy] = None
+        tuner.strategy_evaluations = {s.name: v for s, v in evaluations.items()}
+        said = ", ".join(f"{s.name}={'failed' if v is None else f'{v:g}'}"
+                         for s, v in evaluations.items())
+        best = choose_strategy(evaluations.items())
+        if best is None or best is tuner.strategy:
+            log.debug(f"tuner '{tuner.name}': keeping strategy '{tuner.strategy.name}' "
+                      f"(evaluations: {said})")
+        else:
+            old = tuner.strategy
+            if self._switch_strategy(tuner, best):
+                log.notice(f"tuner '{tuner.name}': strategy '{old.name}' -> '{best.name}' "
+                           f"(evaluations: {said})")
+
+    def _switch_strategy(self, tuner: Tuner, new: Strategy) -> bool:
+        """As upstream: the tuner's fini, its programs unloaded, the new strategy's loaded,
+        its init. Back to the old strategy if the new one's programs do not load (False);
+        a tuner that cannot load either stops."""
+        old = tuner.strategy
+        self.programs.drain()  # what the old programs sent so far is handled as theirs
+        try:
+            tuner.fini()
+        except Exception as e:
+            log.err(f"{tuner.name}: error finishing strategy '{old.name}': {e!r}")
+        self._unload_bpf(tuner)
+        for strategy in (new, old):
+            try:
+                self._start_strategy(tuner, strategy)
+                return strategy is new
+            except Exception as e:
+                log.err(f"tuner '{tuner.name}': cannot start strategy '{strategy.name}': {e}")
+                self._unload_bpf(tuner)
+        log.err(f"tuner '{tuner.name}' stops: none of its strategies loads")
+        tuner.state = TunerState.INACTIVE
+        return False
+
+    def _start_strategy(self, tuner: Tuner, strategy: Strategy) -> None:
+        tuner.strategy, tuner.hooks = strategy, tuner.plans[strategy]
+        tuner.generation = (tuner.generation + 1) % GENERATIONS  # tells its events apart
+        self._load_bpf(tuner)
+        self.programs.release_memory()  # what compiling took (see Programs.loading_done)
+        tuner.init()
 
     def _on_signal(self, _signum, _frame) -> None:
         self.stopping = True

@@ -6,6 +6,16 @@ import ctypes as ct
 
 MAX_VALUES = 3
 STR_LEN = 128
+#: An event's tuner_id: the tuner's index in the low TUNER_BITS bits; above them, the
+#: generation of the tuner's BPF programs (a strategy switch loads new ones), so what
+#: programs since unloaded sent is never taken for what their successors send.
+TUNER_BITS = 16
+GENERATIONS = 1 << 16
+
+
+def event_tuner_id(index: int, generation: int) -> int:
+    """The TUNER_ID a tuner's BPF programs of ``generation`` are compiled with."""
+    return index | (generation % GENERATIONS) << TUNER_BITS
 
 
 class Event(ct.Structure):
@@ -27,6 +37,14 @@ class Event(ct.Structure):
         if size < ct.sizeof(cls):
             return None
         return cls.from_buffer_copy(ct.string_at(data, ct.sizeof(cls)))
+
+    @property
+    def tuner_index(self) -> int:
+        return self.tuner_id & ((1 << TUNER_BITS) - 1)
+
+    @property
+    def generation(self) -> int:
+        return self.tuner_id >> TUNER_BITS
 
     def old_values(self, n: int) -> tuple[int, ...]:
         return tuple(self.old[:n])

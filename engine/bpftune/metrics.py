@@ -42,4 +42,5 @@ DAEMON = {name: f"{PREFIX}.daemon.{name}" for name in (
     "up", "version", "pid", "uptime", "learning_rate", "rollback", "events.received",
     "events.dropped", "bpf.programs", "cpu", "rss")}
 TUNER = {name: f"{PREFIX}.tuner.{name}" for name in (
-    "state", "state_code", "strategy", "changes", "scenarios", "manual_netns")}
+    "state", "state_code", "strategy", "changes", "scenarios", "manual_netns",
+    "strategy_evaluation")}

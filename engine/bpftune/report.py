@@ -52,6 +52,8 @@ class TunerView:
     summary: tuple[str, ...]
     published: tuple[Published, ...] = ()
     published_values: dict = field(default_factory=dict)
+    #: Strategy name -> its last evaluation (None: it failed); absent: not evaluated yet.
+    strategy_evaluations: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def sysctls(self) -> list[Tunable]:
@@ -128,7 +130,8 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             strategy=t.strategy.name if t.strategy else None, strategies=tuple(t.strategies),
             tunables=tuple(t.tunables), scenarios=tuple(t.scenarios),
             summary=tuple(t.summarize() + changes.summary(t)) if summaries else (),
-            published=t.published, published_values=_published_values(t))
+            published=t.published, published_values=_published_values(t),
+            strategy_evaluations=dict(t.strategy_evaluations))
             for t in engine.tuners)
         return Snapshot(
             changes=changes, tuners=tuners, records=records, scenario_counts=counts,
@@ -265,7 +268,8 @@ def _tuner_state(snap: Snapshot, tuner: TunerView, live: dict[int, dict[str, Val
         "state": tuner.state,
         "manual_netns": sorted(c for (name, c) in snap.manual if name == tuner.name),
         "strategy": tuner.strategy,
-        "strategies": [{"name": s.name, "description": s.description}
+        "strategies": [{"name": s.name, "description": s.description, "timeout": s.timeout,
+                        "evaluation": tuner.strategy_evaluations.get(s.name)}
                        for s in tuner.strategies],
         "tunables": [_tunable_state(snap, tuner, t, live) for t in tuner.tunables],
         "published": [{"name": p.name, "help": p.help, "unit": p.unit, "counter": p.counter,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import enum
+import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -109,8 +110,33 @@ class Published:
 
 @dataclass(frozen=True)
 class Strategy:
+    """One way of working of a tuner with strategies (upstream's struct bpftunable_strategy),
+    with BPF programs of its own. One strategy runs at a time, the first at start; when its
+    ``timeout`` ends the engine evaluates every strategy and runs the best
+    (:func:`choose_strategy`), unloading the programs of the one it leaves."""
+
     name: str
     description: str
+    #: Seconds until the strategies are evaluated again; 0: never.
+    timeout: float = 0
+    #: How good the strategy is now (negative: rule it out), as a number: the name of a
+    #: method of the tuner, or a function, called with (tuner, strategy).
+    evaluate: str | Callable[[Tuner, Strategy], float] | None = None
+    #: What only this strategy's BPF programs watch, besides the tuner's ``watches``: the
+    #: compile for this strategy has their HOOK_* defines (and STRATEGY_ID, its index).
+    watches: tuple[Watch, ...] = ()
+    #: Cgroup programs only this strategy attaches, besides the tuner's.
+    cgroup_programs: tuple[CgroupProgram, ...] = ()
+
+
+def choose_strategy(evaluations: Iterable[tuple[Strategy, float | None]]) -> Strategy | None:
+    """Upstream's rule: the highest evaluation wins, the later strategy on a tie; a negative
+    (or failed: None) evaluation never wins. None if no strategy qualifies."""
+    best, best_value = None, 0.0
+    for strategy, value in evaluations:
+        if value is not None and value >= best_value:
+            best, best_value = strategy, value
+    return best
 
 
 class Tuner:
@@ -138,6 +164,9 @@ class Tuner:
     #: A tuner that never loads on any kernel we know (it only says why, in -S and
     #: -q tuners) has no metrics, so no dashboard or pmlogger configuration.
     reports_only: ClassVar[bool] = False
+    #: Ways of working the engine switches between (see Strategy), the first at start.
+    #: Declared as class attributes (``FAST = Strategy(...)``) they also give the BPF
+    #: compile ``-DSTRATEGY_<NAME>=<index>``, to compare with STRATEGY_ID.
     strategies: ClassVar[tuple[Strategy, ...]] = ()
     #: Extra values for the PMDA; ``published_values`` gives them.
     published: ClassVar[tuple[Published, ...]] = ()
@@ -157,7 +186,8 @@ class Tuner:
         with, so ids are declared once, here."""
         super().__init_subclass__(**kwargs)
         own = vars(cls)
-        for kind, attr in ((Tunable, "tunables"), (Scenario, "scenarios")):
+        for kind, attr in ((Tunable, "tunables"), (Scenario, "scenarios"),
+                           (Strategy, "strategies")):
             declared = {k: v for k, v in own.items() if isinstance(v, kind)}
             if declared:
                 if attr in own:
@@ -167,27 +197,51 @@ class Tuner:
                 setattr(cls, f"_{attr}_keys", tuple(declared))
         if len(cls.tunables) > MAX_TUNABLES:
             raise TypeError(f"{cls.__name__}: more than {MAX_TUNABLES} tunables")
-        unnamed = [w.what for w in cls.watches if not w.sample
+        unnamed = [w.what for w in cls.all_watches() if not w.sample
                    and any(h.sampled for h in w.hooks)]
         if unnamed:
             raise TypeError(f"{cls.__name__}: sampled hooks of {unnamed} need a sample name")
         if len(cls.sample_names()) > SAMPLE_SLOTS:
             raise TypeError(f"{cls.__name__}: more than {SAMPLE_SLOTS} samples")
+        cls._check_strategies()
+
+    @classmethod
+    def _check_strategies(cls) -> None:
+        names = [s.name for s in cls.strategies]
+        if len(set(names)) < len(names):
+            raise TypeError(f"{cls.__name__}: strategies need different names")
+        evaluated = any(s.timeout > 0 for s in cls.strategies)
+        for s in cls.strategies:
+            if evaluated and s.evaluate is None:
+                raise TypeError(f"{cls.__name__}: strategy '{s.name}' has no evaluate")
+            if isinstance(s.evaluate, str) and (s.evaluate in vars(Tuner) or not callable(
+                    getattr(cls, s.evaluate, None))):
+                raise TypeError(f"{cls.__name__}: strategy '{s.name}' evaluates with "
+                                f"'{s.evaluate}', which is not a method of its own")
+
+    @classmethod
+    def all_watches(cls) -> tuple[Watch, ...]:
+        """The tuner's watches and those of each of its strategies."""
+        return tuple(dict.fromkeys(cls.watches + tuple(w for s in cls.strategies
+                                                       for w in s.watches)))
 
     @classmethod
     def sample_names(cls) -> list[str]:
-        """The watches' sample names; a sample's index is its slot in bpftune_samples."""
-        return list(dict.fromkeys(w.sample for w in cls.watches if w.sample))
+        """The watches' sample names; a sample's index is its slot in bpftune_samples (the
+        same in every strategy's compile)."""
+        return list(dict.fromkeys(w.sample for w in cls.all_watches() if w.sample))
 
     @classmethod
     def id_defines(cls) -> list[str]:
-        """``-DTUNABLE_<NAME>=<id>`` and ``-DSCENARIO_<NAME>=<id>`` for the BPF compile."""
+        """``-DTUNABLE_<NAME>=<id>``, ``-DSCENARIO_<NAME>=<id>`` and
+        ``-DSTRATEGY_<NAME>=<id>`` for the BPF compile."""
         flags = []
-        for attr, prefix in (("tunables", "TUNABLE"), ("scenarios", "SCENARIO")):
+        for attr, prefix in (("tunables", "TUNABLE"), ("scenarios", "SCENARIO"),
+                             ("strategies", "STRATEGY")):
             keys = getattr(cls, f"_{attr}_keys", ())
             flags += [f"-D{prefix}_{key}={i}" for i, key in enumerate(keys)]
         slots = {w.sample_define: cls.sample_names().index(w.sample)
-                 for w in cls.watches if w.sample}
+                 for w in cls.all_watches() if w.sample}
         return flags + [f"-D{define}={slot}" for define, slot in slots.items()]
 
     @classmethod
@@ -197,7 +251,13 @@ class Tuner:
     @classmethod
     def plan(cls, btf: Btf, features: set[str]) -> Plan:
         """How this tuner would watch the kernel described by ``btf`` (PlanError if it
-        cannot, NotNeeded if it need not)."""
+        cannot, NotNeeded if it need not); with strategies, how its first one would."""
+        return next(iter(cls.strategy_plans(btf, features).values()))
+
+    @classmethod
+    def strategy_plans(cls, btf: Btf, features: set[str]) -> dict[Strategy | None, Plan]:
+        """The plan of each strategy (the key None for a tuner without strategies). Every
+        strategy must have one: a switch must never find that its programs cannot load."""
         missing = sorted(cls.features - features)
         if missing:
             raise PlanError(f"missing {', '.join(missing)}")
@@ -207,13 +267,27 @@ class Tuner:
                 btf.field(field)
             except BtfError as e:
                 raise PlanError(str(e)) from None
-        plan = make_plan(cls.watches, btf, features)
-        plan.cgroup = [p.kind for p in cls.cgroup_programs]
+        return {s: cls._plan_strategy(btf, features, s) for s in cls.strategies or (None,)}
+
+    @classmethod
+    def _plan_strategy(cls, btf: Btf, features: set[str], strategy: Strategy | None) -> Plan:
+        watches, cgroup = cls.watches, cls.cgroup_programs
+        if strategy is not None:
+            watches, cgroup = watches + strategy.watches, cgroup + strategy.cgroup_programs
+        try:
+            plan = make_plan(watches, btf, features)
+        except PlanError as e:
+            if strategy is None:
+                raise
+            raise PlanError(f"strategy '{strategy.name}': {e}") from None
+        plan.cgroup = [p.kind for p in cgroup]
         for name, (enum_name, enumerator) in cls.constants.items():
             value = btf.enum_value(enum_name, enumerator)
             if value is None:
                 raise PlanError(f"kernel has no {enumerator} in enum {enum_name}")
             plan.defines.append(f"-D{name}={value}")
+        if strategy is not None:
+            plan.defines.append(f"-DSTRATEGY_ID={cls.strategies.index(strategy)}")
         return plan
 
     @classmethod
@@ -228,14 +302,25 @@ class Tuner:
         self.state = TunerState.INACTIVE
         self.bpf = None
         self.hooks = Plan()  # what its BPF program attached to, chosen at load
+        #: The plan of each strategy (None: no strategies), made at load: a switch happens
+        #: after the kernel's BTF is freed.
+        self.plans: dict[Strategy | None, Plan] = {}
         self.strategy: Strategy | None = self.strategies[0] if self.strategies else None
+        #: Strategy name -> its last evaluation (None: it failed).
+        self.strategy_evaluations: dict[str, float | None] = {}
+        #: When (time.monotonic()) the strategies are evaluated next; None: never.
+        self.strategy_due: float | None = None
+        #: Counts its strategy switches (loads of new BPF programs): events carry it
+        #: (events.event_tuner_id).
+        self.generation = 0
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.id}]"
 
     # Life cycle, overridden by tuners as needed.
     def init(self) -> None:
-        """Called after the BPF program is loaded and initial values are read."""
+        """Called after the BPF program is loaded and initial values are read (again after
+        each strategy switch, as upstream)."""
 
     @classmethod
     def compile_checks(cls) -> str:
@@ -250,7 +335,7 @@ class Tuner:
         """Called once every tuner is loaded."""
 
     def fini(self) -> None:
-        """Called before the BPF program is unloaded."""
+        """Called before the BPF program is unloaded (also before a strategy switch)."""
 
     def handle(self, event: Event) -> None:
         """An event from this tuner's BPF program."""
@@ -286,7 +371,7 @@ class Tuner:
         called, and that it looked at one call in SAMPLE_EVERY."""
         if self.bpf is None:
             return []
-        sampled = [w.sample for w in self.watches
+        sampled = [w.sample for w in self.all_watches()
                    if (hook := self.hooks.hooks.get(w.what)) is not None and hook.sampled]
         table = self.bpf["bpftune_samples"] if sampled else None
         lines = []
@@ -297,10 +382,33 @@ class Tuner:
         return lines
 
     def cgroup_attachments(self) -> list[CgroupProgram]:
-        """What the engine attaches to the cgroup: the tuner's own cgroup programs and its
-        plan's sock_ops hooks."""
-        return [*self.cgroup_programs,
-                *(CgroupProgram(f, "sock_ops") for f in self.hooks.sock_ops_programs())]
+        """What the engine attaches to the cgroup: the tuner's own cgroup programs, its
+        strategy's, and its plan's sock_ops hooks."""
+        return self._cgroup_programs(self.strategy, self.hooks)
+
+    def every_cgroup_attachment(self) -> list[CgroupProgram]:
+        """What any of its strategies attaches (a killed bpftune may have left any)."""
+        return list(dict.fromkeys(p for strategy, plan in self.plans.items()
+                                  for p in self._cgroup_programs(strategy, plan)))
+
+    def _cgroup_programs(self, strategy: Strategy | None, plan: Plan) -> list[CgroupProgram]:
+        return [*self.cgroup_programs, *(strategy.cgroup_programs if strategy else ()),
+                *(CgroupProgram(f, "sock_ops") for f in plan.sock_ops_programs())]
+
+    # Strategies.
+    def evaluate_strategy(self, strategy: Strategy) -> float:
+        """What ``strategy.evaluate`` says of it now (exceptions are the caller's)."""
+        how = strategy.evaluate
+        value = float(getattr(self, how)(strategy) if isinstance(how, str)
+                      else how(self, strategy))
+        if not math.isfinite(value):
+            raise ValueError(f"evaluation {value} is not a finite number")
+        return value
+
+    def arm_strategy_timeout(self, now: float) -> None:
+        """Evaluate the strategies again when the current one's timeout ends."""
+        timeout = self.strategy.timeout if self.strategy else 0
+        self.strategy_due = now + timeout if timeout > 0 else None
 
     # Helpers for tuners.
     def tunable(self, name: str) -> Tunable:
