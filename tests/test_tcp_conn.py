@@ -111,8 +111,10 @@ def in_netns(ns: str, work):
     return result[0]
 
 
-def send(address: str, megabytes: float, seen: list[str] | None = None) -> None:
-    """One connection to the sink; with ``seen``, its congestion control is recorded."""
+def send(address: str, megabytes: float, seen: list[str] | None = None,
+         ss: list[str] | None = None) -> None:
+    """One connection to the sink; with ``seen``, its congestion control is recorded, and
+    with ``ss``, what ``ss -ti`` shows of it (run from this thread: in its namespace)."""
     with socket.create_connection((address, PORT)) as s:
         chunk = b"x" * 65536
         for _ in range(int(megabytes * 16)):
@@ -120,6 +122,10 @@ def send(address: str, megabytes: float, seen: list[str] | None = None) -> None:
         if seen is not None:
             seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
                         .rstrip(b"\0").decode())
+        if ss is not None:
+            port = s.getsockname()[1]
+            ss.append(subprocess.run(["ss", "-tinH", "src", f":{port}"], capture_output=True,
+                                     text=True, check=True).stdout)
 
 
 def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
@@ -129,8 +135,10 @@ def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
     try:
         with pmda_installed(), daemon(tmp_path) as d:
             seen: list[str] = []
-            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 8, seen) for _ in range(3)])
+            ss: list[str] = []
+            in_netns(hosts.ns, lambda: [send(hosts.global_addr, 8, seen, ss) for _ in range(3)])
             assert "bbr" in seen, seen
+            assert any(re.search(r"\bbbr\b", out) for out in ss), ss  # as ss -ti shows it
             d.wait_for(r"Scenario 'specify bbr congestion control' occurred for tunable 'TCP "
                        r"congestion control' in non-global ns\. Because loss rate has exceeded "
                        r"1 percent for a connection, use bbr congestion control algorithm "
