@@ -17,11 +17,11 @@ apt_packages=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool
               linux-headers-amd64 iperf3 iproute2 nftables
               python3-pyroute2 python3-jinja2 pcp python3-pcp redis-server
               rpm python3-docutils make cpio systemd stress-ng
-              python3-cap-ng libcap2-bin iputils-ping hping3)
+              python3-cap-ng libcap2-bin iputils-ping hping3 libbpf1)
 dnf_packages=(python3 python3-bcc bcc-tools bpftool kernel-devel iperf3
               iproute nftables python3-pyroute2 python3-jinja2 pcp python3-pcp valkey
               rpm-build python3-docutils make cpio systemd stress-ng
-              python3-libcap-ng libcap iputils hping3)
+              python3-libcap-ng libcap iputils hping3 libbpf)
 
 missing_apt() {
     local p
