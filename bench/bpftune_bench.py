@@ -1,40 +1,75 @@
 #!/usr/bin/env python3
-"""bpftune's benchmarks: overhead, daemon CPU, reaction time, tuning benefit, footprint.
+"""bpftune's benchmarks: footprint, idle CPU, overhead, tuning benefit and reaction, scale
+with many namespaces, PMDA fetch time; each figure beside its target (issue 13).
 
-Run as root from a checkout:  bench/run   (or .venv/bin/python bench/bpftune_bench.py
-[footprint] [idle] [overhead] [plans] [benefit] for some sections only)
-Baseline and bpftune runs are alternated, several rounds each; the table shows medians,
-their spread ((max - min) / median) and ratios. Everything runs between network
-namespaces this script creates; sysctls are restored and namespaces removed at the end.
+Run as root from a checkout:  bench/run [--quick] [--compare | --against FILE] [SECTION...]
+(or .venv/bin/python bench/bpftune_bench.py with the same arguments, after
+scripts/setup.sh). Baseline and bpftune runs are alternated, several rounds each; ratios
+are of medians, spreads are (max - min) / median. Every run is recorded in bench/results/
+(record.py); --compare prints each figure beside the latest committed record.
+Everything runs between network namespaces this script creates; sysctls are restored and
+namespaces removed at the end, also when the run is interrupted (SIGINT, SIGTERM).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import re
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pmda_latency
+import record
 from delayline import DelayLine
+from procfs import Watch, compiler_libraries, cpu_seconds, status_kib
 from pyroute2 import netns as pyroute2_netns
+from record import Figure
 
-from helpers import Hosts, Sysctls, daemon, ns_prefix
+from helpers import Hosts, Sysctls, churn_namespace, daemon, ns_prefix, wait_until
 
 RMEM, WMEM = "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"
-ROUNDS = 7
-SECONDS = 4
 ROOMY = {RMEM: "4096 131072 268435456", WMEM: "4096 16384 268435456"}  # no change needed
 SQUEEZED = {RMEM: "4096 131072 131072", WMEM: "4096 16384 16384"}
 BEST = {RMEM: "4096 131072 16777216", WMEM: "4096 16384 16777216"}
+SCENARIO = re.compile(r"Scenario '([^']+)' occurred for tunable '([^']+)'")
+SCALE_PREFIX, CHURN_PREFIX = "bpftune-bench-scale-", "bpftune-bench-react-"
+SETTLE = 5  # seconds for the daemon to take in what changed (start, new namespaces)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often; --quick checks that everything works in a few minutes."""
+
+    rounds: int = 7  # alternated rounds (overhead, plans)
+    seconds: int = 4  # one workload run
+    idle: int = 30  # idle CPU window
+    steady: int = 60  # footprint: seconds idle, then under traffic, before reading VmRSS
+    benefit_rounds: int = 3
+    namespaces: int = 1000
+    window: int = 60  # scale: idle window with and without the namespaces
+    churns: int = 10  # scale: new namespaces whose reaction is timed
+    pmda_rounds: int = 40
+    pminfo_rounds: int = 10
+
+
+FULL = Plan()
+QUICK = Plan(rounds=3, seconds=2, idle=10, steady=10, benefit_rounds=1, window=10, churns=3,
+             pmda_rounds=10, pminfo_rounds=3)
 
 
 def spread(xs: list[float]) -> float:
@@ -42,7 +77,7 @@ def spread(xs: list[float]) -> float:
     return (max(xs) - min(xs)) / m * 100 if m else 0.0
 
 
-def iperf(server_ns: str | None, client_ns: str | None, addr: str, seconds: int = SECONDS,
+def iperf(server_ns: str | None, client_ns: str | None, addr: str, seconds: int,
           port: int = 5410) -> dict:
     """One iperf3 transfer; returns iperf3's JSON summary."""
     server = subprocess.Popen([*ns_prefix(server_ns), "iperf3", "-s", "-1", "-p", str(port)],
@@ -57,11 +92,32 @@ def iperf(server_ns: str | None, client_ns: str | None, addr: str, seconds: int 
     return json.loads(out)["end"]
 
 
+@contextlib.contextmanager
+def traffic(hosts: Hosts, seconds: int, port: int = 5411) -> Iterator[None]:
+    """iperf3 from the global netns into the test netns while the block runs (at most
+    ``seconds`` + 30); both ends stopped by PID."""
+    server = subprocess.Popen([*ns_prefix(hosts.ns), "iperf3", "-s", "-1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    client = subprocess.Popen(["iperf3", "-c", hosts.ns_addr, "-p", str(port), "-t",
+                               str(seconds + 30)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        yield
+        if client.poll() is not None:
+            raise RuntimeError(f"iperf3 client ended early (exit {client.returncode})")
+    finally:
+        for proc in (client, server):
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=30)
+
+
 def mbits(end: dict) -> float:
     return end["sum_received"]["bits_per_second"] / 1e6
 
 
-def stress_sock(seconds: int = SECONDS) -> float:
+def stress_sock(seconds: int) -> float:
     """stress-ng's socket stressor (loopback): bogo operations per second."""
     out = subprocess.run(["stress-ng", "--sock", "2", "-t", f"{seconds}s", "--metrics-brief"],
                          capture_output=True, text=True, timeout=seconds + 60)
@@ -69,14 +125,11 @@ def stress_sock(seconds: int = SECONDS) -> float:
     return float(m.group(1))
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, clock ticks
-
-
-def status_kib(pid: int, field: str) -> int:
-    m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
-    return int(m.group(1))
+def idle_window(pid: int, seconds: int) -> tuple[float, float]:
+    """The daemon's CPU seconds per minute over ``seconds``, and its VmRSS in MiB after."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) * 60 / seconds, status_kib(pid, "VmRSS") / 1024
 
 
 def set_sysctls(sysctls: Sysctls, values: dict[str, str], namespaces: list) -> None:
@@ -93,78 +146,129 @@ def bpf_objects() -> tuple[dict, dict]:
     return {p["id"]: p for p in progs}, {m["id"]: m for m in maps}
 
 
-# 1 and 2: overhead on the workload, daemon CPU.
-def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls) -> list[tuple]:
+def ratio_figure(key: str, label: str, with_: list[float], without: list[float],
+                 unit: str) -> Figure:
+    """A workload's median with the daemon over its median without, from alternated
+    rounds."""
+    new, base = statistics.median(with_), statistics.median(without)
+    return Figure(key, label, new / base, target=">= 0.99", digits=3,
+                  detail=f"{new:.0f} vs {base:.0f} {unit}, spread {spread(with_):.0f}%/"
+                         f"{spread(without):.0f}%, {len(with_)} rounds")
+
+
+# Overhead on the workload, daemon CPU.
+def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     set_sysctls(sysctls, ROOMY, [None, hosts.ns])
     results: dict[str, list[float]] = {k: [] for k in ("iperf0", "iperf1", "sock0", "sock1")}
     cpu_per_gb = []
-    for i in range(ROUNDS):
-        results["iperf0"].append(mbits(iperf(hosts.ns, None, hosts.ns_addr)))
-        results["sock0"].append(stress_sock())
+    changed: set[str] = set()
+    for i in range(plan.rounds):
+        results["iperf0"].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
+        results["sock0"].append(stress_sock(plan.seconds))
         with daemon(tmp / f"overhead{i}") as d:
             before = cpu_seconds(d.proc.pid)
-            end = iperf(hosts.ns, None, hosts.ns_addr)
+            end = iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)
             cpu_per_gb.append((cpu_seconds(d.proc.pid) - before)
                               / (end["sum_received"]["bytes"] / 1e9))
             results["iperf1"].append(mbits(end))
-            results["sock1"].append(stress_sock())
-            changed = "Scenario '" in d.log
-    rows = []
-    for name, label in (("iperf", "iperf3 Mbit/s"), ("sock", "stress-ng --sock bogo-ops/s")):
-        base, with_ = results[f"{name}0"], results[f"{name}1"]
-        rows.append((f"overhead: {label}", f"{statistics.median(with_):.0f} vs "
-                     f"{statistics.median(base):.0f} (spread {spread(with_):.0f}%/"
-                     f"{spread(base):.0f}%)", statistics.median(with_) / statistics.median(base),
-                     ">= 0.99"))
-    rows.append(("daemon CPU ms per GB moved (iperf3)",
-                 f"{statistics.median(cpu_per_gb) * 1000:.2f} (resolution 10 ms per run)",
-                 None, ""))
-    if changed:
-        rows.append(("note: the daemon changed a tunable during overhead runs", "", None, ""))
-    return rows
+            results["sock1"].append(stress_sock(plan.seconds))
+            changed.update(SCENARIO.findall(d.log))
+    return [
+        ratio_figure("overhead.iperf3", "overhead: iperf3 over veth, with / without",
+                     results["iperf1"], results["iperf0"], "Mbit/s"),
+        ratio_figure("overhead.sock", "overhead: stress-ng --sock 2, with / without",
+                     results["sock1"], results["sock0"], "bogo-ops/s"),
+        Figure("overhead.cpu_per_gb", "daemon CPU per GB moved (iperf3)",
+               statistics.median(cpu_per_gb) * 1000, "ms"),
+        # Tuning is kept out of the way (ROOMY): a change means the figures include it.
+        Figure("overhead.tuned", "overhead: the daemon changed a tunable",
+               "yes" if changed else "no", target="no",
+               detail=", ".join(f"{t}: {s}" for s, t in sorted(changed))),
+    ]
 
 
-# tcp_buffer's hooks as chosen on this kernel, and the plan a kernel without fentry,
-# tcp_rcvbuf_grow and sock_send_length gets (Debian 12's 6.1 refusing fentry).
-PLANS = {"6.18 plan (tcp_rcvbuf_grow, sock_send_length)": {},
-         "6.1 plan (tcp_rcv_space_adjust, tcp_probe)":
-             {"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow,sock_send_length"}}
+# tcp_buffer's hooks as chosen on this kernel, and the plan a kernel without fentry and
+# tcp_rcvbuf_grow gets (Debian 12's 6.1 refusing fentry).
+PLANS = {"6.18": ("tcp_rcvbuf_grow, tcp_probe", {}),
+         "6.1": ("tcp_rcv_space_adjust, tcp_probe", {"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow"})}
 
 
-def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls) -> list[tuple]:
+def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     """stress-ng --sock and iperf3 with tcp_buffer alone under each plan, against none."""
     set_sysctls(sysctls, ROOMY, [None, hosts.ns])
     sock: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
     iperf3: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
-    for i in range(ROUNDS):
-        sock[""].append(stress_sock())
-        iperf3[""].append(mbits(iperf(hosts.ns, None, hosts.ns_addr)))
-        for j, (name, env) in enumerate(PLANS.items()):
-            with daemon(tmp / f"plan{i}-{j}", "-a", "tcp_buffer", env=env):
-                sock[name].append(stress_sock())
-                iperf3[name].append(mbits(iperf(hosts.ns, None, hosts.ns_addr)))
-    rows = []
-    for name in PLANS:
-        for label, runs in (("stress-ng --sock", sock), ("iperf3", iperf3)):
-            rows.append((f"{name[:25]}: {label}",
-                         f"{statistics.median(runs[name]):.0f} vs "
-                         f"{statistics.median(runs['']):.0f} (spread "
-                         f"{spread(runs[name]):.0f}%/{spread(runs['']):.0f}%)",
-                         statistics.median(runs[name]) / statistics.median(runs[""]), ">= 0.99"))
-    return rows
+    for i in range(plan.rounds):
+        sock[""].append(stress_sock(plan.seconds))
+        iperf3[""].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
+        for name, (_, env) in PLANS.items():
+            with daemon(tmp / f"plan{i}-{name}", "-a", "tcp_buffer", env=env):
+                sock[name].append(stress_sock(plan.seconds))
+                iperf3[name].append(mbits(iperf(hosts.ns, None, hosts.ns_addr,
+                                                 plan.seconds)))
+    figures = []
+    for name, (hooks, _) in PLANS.items():
+        for key, label, runs, unit in (("sock", "stress-ng --sock", sock, "bogo-ops/s"),
+                                       ("iperf3", "iperf3", iperf3, "Mbit/s")):
+            f = ratio_figure(f"plans.{name}.{key}", f"tcp_buffer, {name} plan: {label}",
+                             runs[name], runs[""], unit)
+            f.detail += f"; hooks {hooks}"
+            figures.append(f)
+    return figures
 
 
-def idle_cpu(tmp: Path, seconds: int = 30) -> list[tuple]:
+# Hooks a tuner uses that fire per packet or per syscall (and sock_send_length, which
+# tcp_buffer gave up for tcp_probe): what entering an empty program there costs.
+EMPTY_PROGRAMS = {
+    "tcp_probe": "RAW_TRACEPOINT_PROBE(tcp_probe) { return 0; }",
+    "tcp_rcv_space_adjust": "RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) { return 0; }",
+    "kfree_skb": "RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }",
+    "sock_ops": "int empty(struct bpf_sock_ops *ops) { return 1; }",
+    "sock_send_length": "RAW_TRACEPOINT_PROBE(sock_send_length) { return 0; }",
+}
+
+
+def hooks(tmp: Path, plan: Plan) -> list[Figure]:
+    """stress-ng --sock with an empty program on each hook, alternated with none."""
+    from bpftune.bpf import Cgroup, Programs
+    from bpftune.btf import Btf
+    from bpftune.learning import LearningRate
+
+    programs = Programs(Btf.load(), LearningRate(), lambda _event: None)
+    cgroup = Cgroup(str(tmp / "cgroup"))
+    runs: dict[str, list[float]] = {"": [], **{hook: [] for hook in EMPTY_PROGRAMS}}
+    try:
+        for _ in range(plan.rounds):
+            runs[""].append(stress_sock(plan.seconds))
+            for hook, text in EMPTY_PROGRAMS.items():
+                sock_ops = {"empty": "sock_ops"} if hook == "sock_ops" else None
+                module = programs.compile(tmp / f"{hook}.bpf.c", 0, {}, text=text,
+                                          cgroup=sock_ops)
+                try:
+                    if sock_ops:
+                        cgroup.attach(module, "empty", "sock_ops")
+                    runs[hook].append(stress_sock(plan.seconds))
+                finally:
+                    module.close()
+    finally:
+        cgroup.close()
+        programs.close()
+    figures = [ratio_figure(f"hooks.{hook}", f"empty program on {hook}: stress-ng --sock",
+                            runs[hook], runs[""], "bogo-ops/s") for hook in EMPTY_PROGRAMS]
+    figures[-1].target = ""  # sock_send_length: not used, shown for what it would cost
+    return figures
+
+
+def idle_cpu(tmp: Path, plan: Plan) -> list[Figure]:
     with daemon(tmp / "idle") as d:
         time.sleep(2)
-        before = cpu_seconds(d.proc.pid)
-        time.sleep(seconds)
-        per_minute = (cpu_seconds(d.proc.pid) - before) * 60 / seconds
-    return [("daemon CPU s per minute, idle", f"{per_minute:.3f}", None, "< 0.1")]
+        per_minute, _ = idle_window(d.proc.pid, plan.idle)
+    return [Figure("idle.cpu", "daemon CPU per minute, idle", per_minute, "s", "< 0.1", 3,
+                   f"over {plan.idle} s")]
 
 
-# 3 and 4: reaction time and benefit over a path whose bandwidth-delay product exceeds the
-# squeezed buffers.
+# Reaction time and benefit over a path whose bandwidth-delay product exceeds the squeezed
+# buffers.
 @contextlib.contextmanager
 def watching(ns: str, name: str) -> Iterator[list[tuple[float, str]]]:
     """Record (time, value) of a sysctl in a namespace each time it changes (1 ms polls)."""
@@ -192,11 +296,11 @@ def watching(ns: str, name: str) -> Iterator[list[tuple[float, str]]]:
         t.join()
 
 
-def benefit(tmp: Path, sysctls: Sysctls) -> list[tuple]:
+def benefit(tmp: Path, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     untuned, tuned, best, first, settled = [], [], [], [], []
     with DelayLine(delay_ms=20, rate="50mbit") as dl:
         run = lambda: mbits(iperf(dl.b, dl.a, dl.addr_b, seconds=8))  # noqa: E731
-        for i in range(3):
+        for i in range(plan.benefit_rounds):
             set_sysctls(sysctls, SQUEEZED, [dl.a, dl.b])
             untuned.append(run())
             with daemon(tmp / f"benefit{i}"):
@@ -210,49 +314,145 @@ def benefit(tmp: Path, sysctls: Sysctls) -> list[tuple]:
             set_sysctls(sysctls, BEST, [dl.a, dl.b])
             best.append(run())
     med = statistics.median
+    rounds = f"{plan.benefit_rounds} rounds"
     return [
-        ("benefit: Mbit/s untuned / bpftune / hand-tuned",
-         f"{med(untuned):.1f} / {med(tuned):.1f} / {med(best):.1f}", None, ""),
-        ("benefit: tuned / best", f"spread {spread(tuned):.0f}%", med(tuned) / med(best),
-         ">= 0.9"),
-        ("benefit: tuned / untuned", "", med(tuned) / med(untuned), ""),
-        ("reaction: first tcp_rmem change s", f"{med(first):.3f}", None, "< 1"),
-        ("reaction: growth stops after s", f"{med(settled):.3f}", None, ""),
+        Figure("benefit.untuned", "benefit: untuned", med(untuned), "Mbit/s", digits=1),
+        Figure("benefit.tuned", "benefit: with bpftune", med(tuned), "Mbit/s", digits=1),
+        Figure("benefit.best", "benefit: hand-tuned (16 MiB max)", med(best), "Mbit/s",
+               digits=1),
+        Figure("benefit.tuned_best", "benefit: tuned / best", med(tuned) / med(best),
+               target=">= 0.95", digits=3, detail=f"spread {spread(tuned):.0f}%, {rounds}"),
+        Figure("benefit.tuned_untuned", "benefit: tuned / untuned", med(tuned) / med(untuned),
+               digits=3),
+        Figure("reaction.first", "reaction: first tcp_rmem change", med(first), "s", "<= 0.5",
+               3, rounds),
+        Figure("reaction.settled", "reaction: growth stops after", med(settled), "s",
+               digits=3),
     ]
 
 
-# 5: footprint.
-def footprint(tmp: Path) -> list[tuple]:
+# Footprint.
+def footprint(tmp: Path, hosts: Hosts, plan: Plan) -> list[Figure]:
     progs0, maps0 = bpf_objects()
-    start = time.monotonic()
-    with daemon(tmp / "footprint") as d:
-        ready = time.monotonic() - start
-        progs1, maps1 = bpf_objects()
-        peak = status_kib(d.proc.pid, "VmHWM")
-        time.sleep(10)
-        steady = status_kib(d.proc.pid, "VmRSS")
+    watch = Watch(tmp / "footprint" / "bpftune.log")
+    watch.start()
+    try:
+        with daemon(tmp / "footprint") as d:
+            pid = d.proc.pid
+            wait_until(lambda: watch.ready is not None, timeout=5, interval=0.05)
+            ready = watch.ready  # None (n/a) if the line never showed up
+            mapped = compiler_libraries(pid)
+            progs1, maps1 = bpf_objects()
+            time.sleep(plan.steady)
+            rss_idle = status_kib(pid, "VmRSS") / 1024
+            with traffic(hosts, plan.steady):
+                time.sleep(plan.steady)
+                rss_busy = status_kib(pid, "VmRSS") / 1024
+            hwm = status_kib(pid, "VmHWM") / 1024
+    finally:
+        watch.stop()
     progs = [p for i, p in progs1.items() if i not in progs0]
     maps = [m for i, m in maps1.items() if i not in maps0]
     memlock = sum(m.get("bytes_memlock", 0) for m in maps) + sum(
         p.get("bytes_memlock", 0) for p in progs)
+    loader, loaders = watch.peaks(loader=True)
+    other, others = watch.peaks(loader=False)
     return [
-        ("footprint: start to ready s", f"{ready:.2f}", None, "< 3"),
-        ("footprint: RSS peak / steady MiB", f"{peak / 1024:.0f} / {steady / 1024:.0f}", None,
-         ""),
-        ("footprint: BPF programs / maps", f"{len(progs)} / {len(maps)}", None, ""),
-        ("footprint: memory locked by BPF KiB", f"{memlock / 1024:.0f}", None, ""),
+        Figure("footprint.ready", 'footprint: start to "started" line', ready, "s", "<= 3"),
+        Figure("footprint.rss_idle", f"footprint: daemon VmRSS after {plan.steady} s idle",
+               rss_idle, "MiB", "<= 40", 1),
+        Figure("footprint.rss_traffic",
+               f"footprint: daemon VmRSS after {plan.steady} s of iperf3", rss_busy, "MiB",
+               "<= 40", 1),
+        Figure("footprint.hwm", "footprint: daemon peak RSS (VmHWM)", hwm, "MiB", digits=1),
+        Figure("footprint.loader_hwm", "footprint: loader children peak RSS", loader, "MiB",
+               digits=1, detail=loaders),
+        Figure("footprint.other_children_hwm", "footprint: other children peak RSS", other,
+               "MiB", digits=1, detail=others),
+        Figure("footprint.compiler_mapped", "footprint: libbcc/LLVM/clang mapped when ready",
+               "yes" if mapped else "no", target="no", detail=", ".join(mapped)),
+        Figure("footprint.bpf_programs", "footprint: BPF programs", len(progs), digits=0),
+        Figure("footprint.bpf_maps", "footprint: BPF maps", len(maps), digits=0),
+        Figure("footprint.bpf_memlock", "footprint: memory locked by BPF", memlock / 1024,
+               "KiB", digits=0),
     ]
 
 
-def main() -> int:
-    import os
-    import tempfile
+# Scale: the cost of many namespaces that exist, idle.
+@contextlib.contextmanager
+def namespaces(count: int) -> Iterator[None]:
+    """``count`` empty network namespaces; each removed afterwards by the name created."""
+    leftovers = [n for n in pyroute2_netns.listnetns() if n.startswith(SCALE_PREFIX)]
+    if leftovers:
+        raise SystemExit(f"bench: namespaces {SCALE_PREFIX}* exist ({len(leftovers)}, from "
+                         "an interrupted run?): remove them first")
+    created = []
+    try:
+        for i in range(count):
+            pyroute2_netns.create(f"{SCALE_PREFIX}{i}")
+            created.append(f"{SCALE_PREFIX}{i}")
+        yield
+    finally:
+        for name in created:
+            with contextlib.suppress(OSError):
+                pyroute2_netns.remove(name)
 
-    if os.geteuid() != 0:
-        print("bpftune_bench: run as root", file=sys.stderr)
-        return 1
-    wanted = sys.argv[1:] or ["footprint", "idle", "overhead", "plans", "benefit"]
-    rows: list[tuple] = []
+
+def reactions(count: int) -> tuple[float | None, str]:
+    """Median ms bpftune takes to grow tcp_rmem in a new namespace with traffic
+    (helpers.churn_namespace), over ``count`` namespaces."""
+    times = [churn_namespace(f"{CHURN_PREFIX}{i}") for i in range(count)]
+    acted = [t * 1000 for t in times if t is not None]
+    return (statistics.median(acted) if acted else None), f"acted in {len(acted)}/{count}"
+
+
+def scale(tmp: Path, plan: Plan) -> list[Figure]:
+    sysctls = Sysctls()
+    # New namespaces copy the global tcp_rmem: squeezed, bpftune grows it in each.
+    sysctls.set(RMEM, SQUEEZED[RMEM])
+    try:
+        with daemon(tmp / "scale") as d:
+            time.sleep(SETTLE)
+            cpu0, rss0 = idle_window(d.proc.pid, plan.window)
+            react0, acted0 = reactions(plan.churns)
+            with namespaces(plan.namespaces):
+                time.sleep(SETTLE)
+                cpu1, rss1 = idle_window(d.proc.pid, plan.window)
+                react1, acted1 = reactions(plan.churns)
+    finally:
+        sysctls.restore()
+    n = plan.namespaces
+    ratio = react1 / react0 if react0 and react1 else None
+    return [
+        Figure("scale.cpu_none", "scale: daemon CPU per minute idle, no namespaces", cpu0,
+               "s", digits=3, detail=f"over {plan.window} s"),
+        Figure("scale.cpu_many", f"scale: daemon CPU per minute idle, {n} namespaces", cpu1,
+               "s", digits=3),
+        Figure("scale.cpu_ratio", f"scale: idle CPU, {n} namespaces / none", cpu1 / cpu0,
+               target="< 1.1", digits=3),
+        Figure("scale.rss_none", "scale: daemon VmRSS, no namespaces", rss0, "MiB", digits=1),
+        Figure("scale.rss_many", f"scale: daemon VmRSS, {n} namespaces", rss1, "MiB",
+               digits=1),
+        Figure("scale.rss_ratio", f"scale: VmRSS, {n} namespaces / none", rss1 / rss0,
+               target="< 1.1", digits=3),
+        Figure("scale.reaction_none", "scale: reaction in a new namespace, no others", react0,
+               "ms", digits=1, detail=acted0),
+        Figure("scale.reaction_many", f"scale: reaction in a new namespace, {n} others",
+               react1, "ms", digits=1, detail=acted1),
+        Figure("scale.reaction_ratio", f"scale: reaction, {n} namespaces / none", ratio,
+               target="< 1.1", digits=3),
+    ]
+
+
+def pmda(tmp: Path, plan: Plan) -> list[Figure]:
+    return pmda_latency.figures(pmda_latency.rows(tmp, plan.pmda_rounds, plan.pminfo_rounds))
+
+
+SECTIONS = ("footprint", "idle", "overhead", "plans", "hooks", "benefit", "scale", "pmda")
+
+
+def run_sections(wanted: list[str], plan: Plan) -> list[Figure]:
+    figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         sysctls = Sysctls()
@@ -260,22 +460,81 @@ def main() -> int:
                       global_addr="10.231.20.1", ns_addr="10.231.20.2")
         hosts.create()
         try:
-            sections: dict[str, Callable[[], list[tuple]]] = {
-                "footprint": lambda: footprint(tmp), "idle": lambda: idle_cpu(tmp),
-                "overhead": lambda: overhead(tmp, hosts, sysctls),
-                "plans": lambda: plans(tmp, hosts, sysctls),
-                "benefit": lambda: benefit(tmp, sysctls)}
+            sections: dict[str, Callable[[], list[Figure]]] = {
+                "footprint": lambda: footprint(tmp, hosts, plan),
+                "idle": lambda: idle_cpu(tmp, plan),
+                "overhead": lambda: overhead(tmp, hosts, sysctls, plan),
+                "plans": lambda: plans(tmp, hosts, sysctls, plan),
+                "hooks": lambda: hooks(tmp, plan),
+                "benefit": lambda: benefit(tmp, sysctls, plan),
+                "scale": lambda: scale(tmp, plan),
+                "pmda": lambda: pmda(tmp, plan)}
             for name in wanted:
-                rows += sections[name]()
+                started = time.monotonic()
+                print(f"bench: {name}...", file=sys.stderr, flush=True)
+                figures += sections[name]()
+                print(f"bench: {name} took {time.monotonic() - started:.0f} s",
+                      file=sys.stderr, flush=True)
         finally:
             hosts.destroy()
             sysctls.restore()
-    print(f"{'measure':46} {'value':42} {'ratio':>6}  target")
-    for name, value, ratio, target in rows:
-        r = f"{ratio:6.3f}" if ratio is not None else ""
-        print(f"{name:46} {value:42} {r:>6}  {target}")
+    return figures
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run", description="Run bpftune's benchmarks, record the figures in "
+        "bench/results/ and print them beside their targets.")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"run only these ({', '.join(SECTIONS)}; default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer rounds, shorter windows: checks that everything works")
+    p.add_argument("--compare", action="store_true",
+                   help="print each figure beside the latest committed record's")
+    p.add_argument("--against", type=Path, metavar="FILE",
+                   help="compare with this record instead (implies --compare)")
+    args = p.parse_args(argv)
+    if unknown := [s for s in args.sections if s not in SECTIONS]:
+        p.error(f"unknown section {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+    args.sections = args.sections or list(SECTIONS)
+    return args
+
+
+def baseline(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """The record to compare with, read before the run so that a bad file fails at once."""
+    path = args.against or (record.baseline(args.quick) if args.compare else None)
+    return path, record.load(path) if path else None
+
+
+def report(new: dict, figures: list[Figure], old_path: Path | None, old: dict | None,
+           compare: bool) -> None:
+    print("this run:", record.describe(new))
+    if old_path and old:
+        print(f"compared with {old_path}: {record.describe(old)}")
+        if diffs := record.differences(new, old):
+            print("  differs in:", "; ".join(diffs))
+    elif compare:
+        print("no committed record in bench/results/ to compare with")
+    print(record.table(figures, old))
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root", file=sys.stderr)
+        return 1
+    old_path, old = baseline(args)
+    command = os.environ.get("BPFTUNE_BENCH_COMMAND") or shlex.join(
+        ["bench/bpftune_bench.py", *argv])
+    plan = QUICK if args.quick else FULL
+    new = record.new_record(command, args.quick, args.sections) | {"settings": asdict(plan)}
+    # An ended run still puts back sysctls and removes namespaces (finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    figures = run_sections(args.sections, plan)
+    report(new, figures, old_path, old, args.compare or args.against is not None)
+    print("recorded in", record.save(new, figures).relative_to(record.REPO))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

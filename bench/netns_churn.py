@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procfs import status_kib
 
 from bpftune import query
 from helpers import Sysctls, churn_namespace, daemon, daemon_fds, wait_until
 
 WINDOW = 50
-
-
-def status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure(pid: int, state_dir: Path) -> dict:

@@ -2,8 +2,8 @@
  * write to, rate limiting, sampling, the learning-rate arithmetic, field reads and the
  * task's netns.
  *
- * Compiled by BCC with -D constants from the engine:
- *   TUNER_ID, LEARNING_SHIFT, BPFTUNE_PID, and OFF_* byte offsets of kernel struct fields
+ * Compiled by BCC in the loader child (engine/bpftune/loader.py) with -D constants from the
+ * engine: TUNER_ID, LEARNING_SHIFT, BPFTUNE_PID, PIN_DIR, and OFF_* byte offsets of kernel struct fields
  *   resolved from the running kernel's BTF (never from header layouts, which are from
  *   another kernel on our machines).
  */
@@ -26,8 +26,11 @@ struct bpftune_event {
 	char str[BPFTUNE_STR_LEN];
 };
 
-/* The ring buffer is created once by the engine's core object and shared by name with every
- * tuner's object (BCC "export"/"extern" tables), so userspace polls one buffer. */
+/* Maps every tuner's module shares: the ring buffers the daemon polls, the rate-limit map
+ * and the count of events lost. The daemon creates them (libbpf) and hands their fds to the
+ * loader child, which pins them in a bpffs at PIN_DIR that only it sees (its own mount
+ * namespace): BCC then opens the pinned maps instead of creating new ones. Nothing is left
+ * pinned on the host, even after a kill -9. */
 struct bpftune_events_table_t {
 	int key;
 	u32 leaf;
@@ -44,27 +47,16 @@ struct rate_key {
 	u32 tunable_id;
 };
 
+__attribute__((section("maps/ringbuf:" PIN_DIR "/bpftune_events")))
+struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
 /* A second ring buffer carries only administrators' sysctl writes (bpf/sysctl.bpf.c), so a
  * flood of tuning or namespace events can never crowd one out. */
-#ifdef BPFTUNE_CORE
-__attribute__((section("maps/ringbuf")))
-struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
-__attribute__((section("maps/export")))
-struct bpftune_events_table_t __bpftune_events;
-__attribute__((section("maps/ringbuf")))
+__attribute__((section("maps/ringbuf:" PIN_DIR "/bpftune_admin_events")))
 struct bpftune_events_table_t bpftune_admin_events = { .max_entries = 64 * PAGE_SIZE };
-__attribute__((section("maps/export")))
-struct bpftune_events_table_t __bpftune_admin_events;
-BPF_TABLE_PUBLIC("lru_hash", struct rate_key, u64, bpftune_last_event, 16384);
+BPF_TABLE_PINNED("lru_hash", struct rate_key, u64, bpftune_last_event, 16384,
+		 PIN_DIR "/bpftune_last_event");
 /* events lost because a ring buffer was full: [0] tuning events, [1] administrators' */
-BPF_TABLE_PUBLIC("percpu_array", int, u64, bpftune_dropped, 2);
-#else
-__attribute__((section("maps/extern")))
-struct bpftune_events_table_t bpftune_events = { .max_entries = 64 * PAGE_SIZE };
-__attribute__((section("maps/extern")))
-struct bpftune_events_table_t bpftune_admin_events = { .max_entries = 64 * PAGE_SIZE };
-BPF_TABLE("extern", struct rate_key, u64, bpftune_last_event, 16384);
-BPF_TABLE("extern", int, u64, bpftune_dropped, 2);
+BPF_TABLE_PINNED("percpu_array", int, u64, bpftune_dropped, 2, PIN_DIR "/bpftune_dropped");
 
 #define GROW(v)	((v) + max_t(s64, (v) >> LEARNING_SHIFT, 1))
 #define SHRINK(v) ((v) - max_t(s64, (v) >> LEARNING_SHIFT, 1))
@@ -268,4 +260,3 @@ static __always_inline int send_sysctl_event(u64 cookie, u32 scenario, u32 tunab
 	return send_sysctl_event_from(CURRENT_PID, cookie, scenario, tunable_id, old, new,
 				      nvalues, metric);
 }
-#endif /* BPFTUNE_CORE */

@@ -16,8 +16,6 @@ enum { MEM_NORMAL, MEM_NEAR_PRESSURE, MEM_NEAR_EXHAUSTION };
 #define SOCK_SNDBUF_LOCK 1
 #define SOCK_RCVBUF_LOCK 2
 #define TCP_INT_MAX 2147483647
-#define SOCK_STREAM_TYPE 1
-#define PROTO_TCP 6	/* IPPROTO_TCP; BCC tracepoint programs do not see the uapi enum */
 
 /* Compare TCP memory in use with tcp_mem (global, so reported for the global netns);
  * propose growing it when nearly at a limit. Userspace applies the RAM-based ceilings. */
@@ -120,15 +118,6 @@ KFUNC_PROBE(tcp_rcv_space_adjust, void *sk)	/* every read: sampled */
 	return 0;
 }
 #endif
-#ifdef HOOK_RAW_TP_tcp_rcv_space_adjust
-RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)	/* (sk), every read: sampled */
-{
-	if (sampled_in(SAMPLE_RCV_SPACE))
-		receive_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
-	return 0;
-}
-#endif
-
 /* Send buffer growth. */
 #ifdef HOOK_FENTRY_tcp_sndbuf_expand
 KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf */
@@ -137,32 +126,35 @@ KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf
 	return 0;
 }
 #endif
-#ifdef HOOK_RAW_TP_sock_send_length
-RAW_TRACEPOINT_PROBE(sock_send_length)	/* (sk, ret, flags), every sendmsg: sampled */
-{
-	void *sk = (void *)ctx->args[0];
-	u16 protocol = 0, type = 0;
-
-	if ((int)ctx->args[1] <= 0 || !sampled_in(SAMPLE_SNDBUF))
-		return 0;
-	READ_AT(protocol, sk, OFF_SK_PROTOCOL);
-	READ_AT(type, sk, OFF_SK_TYPE);
-	if (protocol == PROTO_TCP && type == SOCK_STREAM_TYPE)	/* not raw IPPROTO_TCP */
-		send_buffer_growth(CURRENT_PID, sk);
-	return 0;
-}
-#endif
+/* Every segment received, so on a receiver the data and on a sender the ACKs that free send
+ * space: a kernel without the hooks above looks at its buffers here, sampled. Only a socket
+ * receiving data (the segment has some: TCP_SKB_CB's end_seq is past its seq) is a receiver,
+ * only one with data queued is a sender: the other buffer of each stays at its default and
+ * must not look full. */
 #ifdef HOOK_RAW_TP_tcp_probe
-RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb), every segment received: sampled */
+RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb) */
 {
-	if (sampled_in(SAMPLE_SNDBUF))
-		send_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
+	void *sk = (void *)ctx->args[0], *skb = (void *)ctx->args[1];
+	u32 seq = 0, end_seq = 0;
+	int queued = 0;
+
+#ifdef SAMPLE_RCV_SPACE_BY_RAW_TP_tcp_probe
+	READ_AT(seq, skb, OFF_SKB_CB + OFF_TCP_SKB_CB_SEQ);
+	READ_AT(end_seq, skb, OFF_SKB_CB + OFF_TCP_SKB_CB_END_SEQ);
+	if (end_seq != seq && sampled_in(SAMPLE_RCV_SPACE))
+		receive_buffer_growth(CURRENT_PID, sk);
+#endif
+#ifdef SAMPLE_SNDBUF_BY_RAW_TP_tcp_probe
+	READ_AT(queued, sk, OFF_SK_WMEM_QUEUED);
+	if (queued > 0 && sampled_in(SAMPLE_SNDBUF))
+		send_buffer_growth(CURRENT_PID, sk);
+#endif
 	return 0;
 }
 #endif
 
 /* Send buffers at connection setup: a connection that sends a few messages (a control
- * connection) is rarely among the sampled sendmsg calls above, so every connection is also
+ * connection) is rarely among the sampled segments above, so every connection is also
  * looked at once, after the kernel sized its send buffer (tcp_init_buffer_space grows it to
  * what the congestion window needs, at most tcp_wmem[2]). The ESTABLISHED callbacks run in
  * tcp_init_transfer just before that sizing, on both sides, so they ask for RTT callbacks

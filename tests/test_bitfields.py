@@ -77,7 +77,7 @@ def seen(btf):
         try:
             yield compiled[b"seen_by_length"]
         finally:
-            compiled.cleanup()
+            compiled.close()
     finally:
         programs.close()
 

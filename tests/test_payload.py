@@ -64,7 +64,7 @@ def test_a_payload_sent_from_bpf_reads_back_as_its_ctypes_layout(programs):
             s.sendto(b"x", ("127.0.0.1", 9))
         p.poll(1000)
     finally:
-        bpf.cleanup()
+        bpf.close()
     payload = received[-1].payload(Neigh)
     assert (payload.ifindex, payload.family, payload.dev) == (7, 10, b"veth-test")
 
@@ -72,4 +72,4 @@ def test_a_payload_sent_from_bpf_reads_back_as_its_ctypes_layout(programs):
 def test_a_c_struct_that_differs_from_its_ctypes_layout_does_not_compile(programs):
     p, _ = programs
     with pytest.raises(BpfError):  # family is a u16 in C: dev moves, and the size grows
-        compile_with(p, "u16").cleanup()
+        compile_with(p, "u16").close()

@@ -16,15 +16,18 @@ fetched once); "6.18" is the running kernel's /sys/kernel/btf/vmlinux.
 
 from __future__ import annotations
 
+import ctypes as ct
+import json
 import os
+import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcc
 import pytest
 
-from bpftune import plugins, support
+from bpftune import libbpf, plugins, support
 from bpftune.bpf import COMMON_FIELDS, Programs, bpf_dir, ensure_tracefs
 from bpftune.btf import Btf, BtfError, offset_defines
 from bpftune.hooks import AVOID_ENV, Hook, NotNeeded, Plan, PlanError
@@ -47,11 +50,11 @@ TCP_BUFFER_TRACEPOINTS = ["tp/sock/sock_exceed_buf_limit", "tp/tcp/tcp_retransmi
 TCP_BUFFER_SETUP = ["sock_ops/connection_setup"]  # every kernel: RTT callbacks since 5.3
 TCP_BUFFER_GROWTH = {
     ("6.1", True): ["fentry/tcp_rcv_space_adjust", "fentry/tcp_sndbuf_expand"],
-    ("6.1", False): ["raw_tp/tcp_rcv_space_adjust", "raw_tp/tcp_probe"],
+    ("6.1", False): ["raw_tp/tcp_probe", "raw_tp/tcp_probe"],
     ("6.12", True): ["fentry/tcp_rcv_space_adjust", "fentry/tcp_sndbuf_expand"],
-    ("6.12", False): ["raw_tp/tcp_rcv_space_adjust", "raw_tp/sock_send_length"],
+    ("6.12", False): ["raw_tp/tcp_probe", "raw_tp/tcp_probe"],
     ("6.18", True): ["raw_tp/tcp_rcvbuf_grow", "fentry/tcp_sndbuf_expand"],
-    ("6.18", False): ["raw_tp/tcp_rcvbuf_grow", "raw_tp/sock_send_length"],
+    ("6.18", False): ["raw_tp/tcp_rcvbuf_grow", "raw_tp/tcp_probe"],
 }
 EXPECTED_HOOKS = {
     "tcp_buffer": {key: growth + TCP_BUFFER_TRACEPOINTS + TCP_BUFFER_SETUP
@@ -166,11 +169,10 @@ def test_hooks_chosen_on_each_kernel(kernel, name, fentry):
 
 
 def test_which_kernels_have_which_tracepoints(kernel):
-    """What the plans above follow from: tcp_rcvbuf_grow is new in 6.18, sock_send_length
-    in 6.2; every kernel has tcp_rcv_space_adjust and tcp_probe."""
+    """What the plans above follow from: tcp_rcvbuf_grow is new in 6.18; every kernel has
+    tcp_rcv_space_adjust and tcp_probe."""
     btf = kernel.btf
     assert btf.has_tracepoint("tcp_rcvbuf_grow") == (kernel.name == RUNNING)
-    assert btf.has_tracepoint("sock_send_length") == (kernel.name != "6.1")
     for always in ("tcp_rcv_space_adjust", "tcp_probe", "sched_process_fork",
                    "sock_exceed_buf_limit", "tcp_retransmit_synack"):
         assert btf.has_tracepoint(always), always
@@ -207,14 +209,70 @@ def test_sk_userlocks_is_a_bitfield_before_6_9_and_a_byte_since(kernel):
         assert flag in flags
 
 
+# Fields bpftune.btf must find as bpftool's JSON describes them, besides the tuners':
+# bitfields (kflag member offsets), and fields inside anonymous structs and unions.
+BTF_FIELDS = ["sock.sk_no_check_tx", "perf_event_attr.precise_ip", "sk_buff.pkt_type",
+              "sock.__sk_common.skc_dport", "sock.__sk_common.skc_num", "sk_buff.dev"]
+ENUMERATORS = ["BPF_SOCK_OPS_RTT_CB", "BPF_SOCK_OPS_RETRANS_CB", "BPF_MAP_TYPE_RINGBUF",
+               "BPF_TRACE_FENTRY", "SKB_DROP_REASON_CPU_BACKLOG",
+               "tcp_sendmsg", "sk_userlocks", "BPF_SOCK_OPS_NO_SUCH_CB"]  # no enumerators
+
+
+def located(btf: Btf, path: str) -> tuple:
+    try:
+        where = btf.locate(path)
+    except BtfError as e:
+        return ("error", str(e))
+    return (where.offset, where.size, where.shift, where.bits)
+
+
+def test_libbpf_reads_btf_as_bpftool_does(kernel):
+    """bpftune.btf reads BTF with libbpf, decoding types only as lookups reach them, and
+    finds enumerators by searching the raw BTF; bpftool's JSON of the whole file (how it
+    was read before) must give the same answers."""
+    dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", kernel.path],
+                          capture_output=True, check=True, timeout=120).stdout
+    bpftool = Btf(json.loads(dump)["types"])
+    paths = BTF_FIELDS + sorted({f.path for t in TUNERS for f in (COMMON_FIELDS | t.fields)
+                                 .values()})
+    assert [located(kernel.btf, p) for p in paths] == [located(bpftool, p) for p in paths]
+    assert located(kernel.btf, "perf_event_attr.precise_ip") == (41, 0, 7, 2)
+    hooks = {h for t in TUNERS for w in t.all_watches() for h in w.hooks}
+    for hook in hooks:
+        assert hook.offered_by(kernel.btf) == hook.offered_by(bpftool), hook
+    for name in ENUMERATORS:
+        assert kernel.btf.has_enumerator(name) == bpftool.has_enumerator(name), name
+    assert kernel.btf.has_enumerator("BPF_SOCK_OPS_RTT_CB")
+    assert not kernel.btf.has_enumerator("tcp_sendmsg")
+    for enum, name in {c for t in TUNERS for c in t.constants.values()}:
+        assert kernel.btf.enum_value(enum, name) == bpftool.enum_value(enum, name) is not None
+    assert kernel.btf.returns_void("dst_ops.gc") == bpftool.returns_void("dst_ops.gc")
+
+
+def test_btf_of_the_other_byte_order_reads_the_same(btf_dir, tmp_path):
+    """A big-endian kernel's BTF file (-S --btf on this machine): libbpf swaps its types
+    on reading; the raw data it keeps is not searched, the enums are walked instead."""
+    little = btf_path(btf_dir, "6.1")
+    declare = libbpf.function
+    handle = declare("btf__parse", ct.c_void_p, [ct.c_char_p, ct.c_void_p])(little.encode(),
+                                                                            None)
+    assert handle
+    try:
+        assert declare("btf__set_endianness", ct.c_int, [ct.c_void_p, ct.c_int])(handle, 1) == 0
+        size = ct.c_uint32()
+        raw = declare("btf__raw_data", ct.c_void_p, [ct.c_void_p, ct.POINTER(ct.c_uint32)])(
+            handle, ct.byref(size))
+        (tmp_path / "big.btf").write_bytes(ct.string_at(raw, size.value))
+    finally:
+        declare("btf__free", None, [ct.c_void_p])(handle)
+    big, little_btf = Btf.load(str(tmp_path / "big.btf")), Btf.load(little)
+    assert [located(big, p) for p in BTF_FIELDS] == [located(little_btf, p) for p in BTF_FIELDS]
+    assert [big.has_enumerator(n) for n in ENUMERATORS] == \
+        [little_btf.has_enumerator(n) for n in ENUMERATORS]
+    assert big.enum_value("bpf_map_type", "BPF_MAP_TYPE_RINGBUF") == 27
+
+
 # c. The BPF programs compile for each kernel and plan.
-@pytest.fixture
-def compile_only(monkeypatch) -> None:
-    """BCC attaches tracepoints, raw tracepoints and kfuncs in BPF(): not in these tests."""
-    ensure_tracefs()  # BCC reads tracepoint formats when compiling TRACEPOINT_PROBE
-    monkeypatch.setattr(bcc.BPF, "_trace_autoload", lambda self: None)
-
-
 def bcc_function(hook: Hook) -> str:
     """The name BCC's *_PROBE macros give the program of ``hook`` (a sock_ops hook names
     its function)."""
@@ -225,31 +283,23 @@ def bcc_function(hook: Hook) -> str:
     return f"{prefix}__{hook.target.replace('/', '__')}"
 
 
-ATTACHED = ("kprobe_fds", "uprobe_fds", "tracepoint_fds", "raw_tracepoint_fds",
-            "kfunc_entry_fds", "kfunc_exit_fds", "lsm_fds")
-
-
 @pytest.mark.parametrize("fentry", FENTRY, ids=fentry_id)
 @pytest.mark.parametrize("tuner", BPF_TUNERS, ids=tuner_id)
-def test_bpf_program_compiles(kernel, tuner, fentry, compile_only):
+def test_bpf_program_compiles(kernel, tuner, fentry):
+    ensure_tracefs()  # BCC reads tracepoint formats when compiling TRACEPOINT_PROBE
     plan = plan_of(tuner, kernel, fentry)
     programs = Programs(kernel.btf, LearningRate(), lambda _event: None)
     try:
         module = programs.compile(bpf_dir() / tuner.bpf_source, TUNERS.index(tuner),
-                                  tuner.fields, defines=tuner.id_defines() + plan.cflags())
-        try:
-            compiled = {bcc.lib.bpf_function_name(module.module, i).decode()
-                        for i in range(bcc.lib.bpf_num_functions(module.module))}
-            # Nothing loaded into the running kernel, nothing attached.
-            assert not module.funcs
-            assert not [a for a in ATTACHED if getattr(module, a)]
-        finally:
-            module.cleanup()
+                                  tuner.fields, defines=tuner.id_defines() + plan.cflags(),
+                                  attach=False)
     finally:
         programs.close()
+    # Nothing loaded into the running kernel, nothing attached.
+    assert not module.programs and not module.attachments and not module.maps
     # The C file's #ifdef HOOK_* guards match the plan: a program for each chosen hook only.
-    assert compiled == ({bcc_function(h) for h in plan.hooks.values()}
-                        | {p.function for p in tuner.cgroup_programs})
+    assert set(module.functions) == ({bcc_function(h) for h in plan.hooks.values()}
+                                     | {p.function for p in tuner.cgroup_programs})
 
 
 # d. bpftune -S --btf FILE.
@@ -276,8 +326,8 @@ def tuner_lines(stderr: str, kernel: str) -> dict[str, str]:
     return found
 
 
-WITHOUT_FENTRY = {"6.1": "raw_tp/tcp_rcv_space_adjust, raw_tp/tcp_probe",
-                  "6.12": "raw_tp/tcp_rcv_space_adjust, raw_tp/sock_send_length"}
+WITHOUT_FENTRY = {"6.1": "raw_tp/tcp_probe, tp/sock/sock_exceed_buf_limit",
+                  "6.12": "raw_tp/tcp_probe, tp/sock/sock_exceed_buf_limit"}
 
 
 @pytest.mark.parametrize("name", DISTRO_KERNELS)
@@ -292,8 +342,6 @@ def test_support_report_for_a_distro_kernel(btf_dir, name):
     assert line.startswith("bpftune: tcp_buffer: fentry/tcp_rcv_space_adjust, "
                            "fentry/tcp_sndbuf_expand, "), line
     assert f"; without fentry: {WITHOUT_FENTRY[name]}, " in line, line
-    if name == "6.1":  # no sock_send_length tracepoint before 6.2
-        assert "sock_send_length" not in line
 
 
 @pytest.mark.parametrize("bad", ["/nonexistent", "not-btf"])
@@ -315,18 +363,41 @@ def test_btf_without_support_is_a_usage_error():
 
 
 # e. bpftune -S on the running kernel, which refuses fentry.
+PROBE = """
+import json, sys
+from bpftune import support
+s = support.probe()
+maps = open("/proc/self/maps").read()
+print(json.dumps({"present": sorted(s.present), "reasons": s.reasons,
+                  "bcc": [m for m in ("bcc", "bpftune.loader") if m in sys.modules],
+                  "mapped": [lib for lib in ("libbcc", "LLVM", "clang") if lib in maps]}))
+"""
+
+
+def test_probing_the_running_kernel_compiles_nothing():
+    """libbpf's probes (a two-instruction program per type), without BCC or LLVM: every
+    feature but fentry, which this kernel refuses with a one-line reason."""
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                       timeout=60, check=True)
+    found = json.loads(r.stdout)
+    assert (found["bcc"], found["mapped"]) == ([], [])
+    assert found["present"] == sorted(set(support.FEATURES) - {"fentry"})
+    assert list(found["reasons"]) == ["fentry"]
+    assert re.fullmatch(r"refused by the kernel: loading a program for tcp_sendmsg: "
+                        r"[A-Z][a-z ]+", found["reasons"]["fentry"])
+
 def test_support_on_the_running_kernel_and_its_fallbacks(btf_dir):
     r = bpftune("-S")
     assert r.returncode == 0, r.stderr
     line = tuner_lines(r.stderr, RUNNING)["tcp_buffer"]
     assert line.startswith("bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, "
-                           "raw_tp/sock_send_length"), line
+                           "raw_tp/tcp_probe"), line
 
-    r = bpftune("-S", env={AVOID_ENV: "tcp_rcvbuf_grow,sock_send_length"})
+    r = bpftune("-S", env={AVOID_ENV: "tcp_rcvbuf_grow"})
     assert r.returncode == 0, r.stderr
     line = tuner_lines(r.stderr, RUNNING)["tcp_buffer"]
-    assert line.startswith("bpftune: tcp_buffer: raw_tp/tcp_rcv_space_adjust, "
-                           "raw_tp/tcp_probe"), line
+    assert line.startswith("bpftune: tcp_buffer: raw_tp/tcp_probe, "
+                           "tp/sock/sock_exceed_buf_limit"), line
     # Exactly the plan 6.1 gets without fentry.
     r = bpftune("-S", "--btf", btf_path(btf_dir, "6.1"))
     assert r.returncode == 0, r.stderr

@@ -50,10 +50,10 @@ def squeeze_buffers(sysctls, ns: str | None) -> dict[str, list[int]]:
 
 
 # Hooks as chosen here (6.18 without fentry), and the fallbacks Debian 12's 6.1 kernel gets
-# when it refuses fentry (no tcp_rcvbuf_grow, no sock_send_length tracepoint there).
-PLANS = {"6.18": ({}, "raw_tp/tcp_rcvbuf_grow, raw_tp/sock_send_length"),
-         "6.1-fallback": ({"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow,sock_send_length"},
-                          "raw_tp/tcp_rcv_space_adjust, raw_tp/tcp_probe")}
+# when it refuses fentry (no tcp_rcvbuf_grow tracepoint there).
+PLANS = {"6.18": ({}, "raw_tp/tcp_rcvbuf_grow, raw_tp/tcp_probe"),
+         "6.1-fallback": ({"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow"},
+                          "raw_tp/tcp_probe")}
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -18,6 +18,10 @@ import pytest
 from pyroute2 import netns as pyroute2_netns
 from test_pmlogger import pmie_config
 
+from bpftune import libbpf
+from bpftune.bpf import Cgroup, Programs
+from bpftune.btf import Btf
+from bpftune.learning import LearningRate
 from bpftune.render import render_pcp
 from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, wait_until
 from pcp_helpers import pmda_installed, pminfo
@@ -197,10 +201,40 @@ def test_the_sockops_program_is_detached_on_exit_and_after_kill_9(tmp_path):
     with daemon(tmp_path / "first", restore=False) as first:
         assert bpf_programs("conn_tuner") == 1
         first.stop(signal.SIGKILL)
-    assert bpf_programs("conn_tuner") == 1  # a killed daemon leaves it attached
+    # Attached through a bpf_link, which the killed daemon's fds held (upstream's
+    # attachment would stay, choosing congestion control with nobody reading its events).
+    assert wait_until(lambda: bpf_programs("conn_tuner") == 0)
     with daemon(tmp_path / "second"):
-        assert wait_until(lambda: bpf_programs("conn_tuner") == 1)  # the stale one is gone
+        assert bpf_programs("conn_tuner") == 1
     assert bpf_programs("conn_tuner") == 0
+
+
+@contextlib.contextmanager
+def attached_like_an_older_bpftune(tmp_path):
+    """A program named conn_tuner attached to the root cgroup as bpftune did before links
+    (BPF_F_ALLOW_MULTI): it stays when its fds are closed."""
+    cgroup = Cgroup(str(tmp_path / "cgroup"))
+    programs = Programs(Btf.load(), LearningRate(), lambda _event: None)
+    try:
+        module = programs.compile(tmp_path / "old.bpf.c", 0, {}, cgroup={
+            "conn_tuner": "sock_ops"}, text="int conn_tuner(struct bpf_sock_ops *skops) "
+                                            "{ return 1; }\n")
+        libbpf.cgroup_attach(module.programs["conn_tuner"], cgroup.fd,
+                             libbpf.BPF_CGROUP_SOCK_OPS)
+        module.close()
+        yield
+    finally:
+        programs.close()
+        libbpf.detach_stale(cgroup.fd, libbpf.BPF_CGROUP_SOCK_OPS, {"conn_tuner"})
+        cgroup.close()
+
+
+def test_a_sockops_program_an_older_bpftune_left_attached_is_detached(tmp_path):
+    with attached_like_an_older_bpftune(tmp_path):
+        assert bpf_programs("conn_tuner") == 1
+        with daemon(tmp_path / "daemon"):
+            assert wait_until(lambda: bpf_programs("conn_tuner") == 1)  # only the daemon's
+        assert bpf_programs("conn_tuner") == 0
 
 
 def test_an_administrators_write_to_the_default_hands_the_tuner_over(tmp_path, sysctls):

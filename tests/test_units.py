@@ -212,20 +212,23 @@ def test_btf_mismatches_are_errors_not_wrong_offsets(field, message):
 
 
 def test_event_layout_matches_the_bpf_header():
-    """BCC describes the C struct as clang laid it out; ctypes must agree field by field."""
-    from bcc import BPF
+    """BCC describes the C struct as clang laid it out (in the loader child); ctypes must
+    agree field by field."""
+    from bpftune.bpf import Programs, bpf_dir
+    from bpftune.learning import LearningRate
 
-    from bpftune.bpf import bpf_dir
-
-    b = BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n'
-                 b"BPF_ARRAY(events, struct bpftune_event, 1);\n", cflags=[f"-I{bpf_dir()}"])
+    programs = Programs(Btf.load(), LearningRate(), lambda _event: None)
     try:
-        compiled = b[b"events"].Leaf
-        assert ct.sizeof(compiled) == ct.sizeof(Event)
-        for name, _ in Event._fields_:
-            assert getattr(compiled, name).offset == getattr(Event, name).offset, name
+        module = programs.compile(
+            bpf_dir() / "layout_test.bpf.c", 0, {},
+            text='#include "bpftune.bpf.h"\nBPF_ARRAY(events, struct bpftune_event, 1);\n')
+        compiled = module["events"].Leaf
+        module.close()
     finally:
-        b.cleanup()
+        programs.close()
+    assert ct.sizeof(compiled) == ct.sizeof(Event)
+    for name, _ in Event._fields_:
+        assert getattr(compiled, name).offset == getattr(Event, name).offset, name
 
 
 HOOK_BTF = Btf([

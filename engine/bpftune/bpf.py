@@ -1,28 +1,40 @@
-"""Loading BPF programs with BCC: the shared ring buffer, per-tuner objects, cgroup attach.
+"""BPF programs: compiled by a short-lived loader child, held and read by the daemon.
 
-Every tuner's program is its own BCC module (compiled once at start, so one broken tuner
-never takes the others down); all of them write to the one ring buffer created by the core
-module, which the engine polls.
+Every tuner's program is its own BCC module (so one broken tuner never takes the others
+down). BCC maps LLVM for as long as a process lives, so the daemon never imports it: a loader
+child (bpftune.loader) compiles and attaches, and hands over file descriptors; the daemon
+works on them with libbpf (bpftune.libbpf). All modules write to the ring buffers the daemon
+creates, which it polls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
-import gc
 import json
 import os
+import select
+import socket
 import subprocess
-from collections.abc import Callable, Iterator
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import bpftune
+from bpftune import libbpf
 from bpftune.btf import Btf, Field, offset_defines
 from bpftune.events import Event
 from bpftune.hooks import SAMPLE_EVERY, SAMPLE_SLOTS
 from bpftune.learning import LearningRate
+from bpftune.libbpf import BpfError
 from bpftune.log import log
 from bpftune.netns import current_cookie
 from bpftune.paths import RUN_DIR, data_dir
+
+__all__ = ["BpfError", "Cgroup", "Module", "Programs", "bpf_dir", "ensure_tracefs"]
 
 COMMON_FIELDS = {
     "OFF_SK_NET": Field("sock.__sk_common.skc_net", 8),
@@ -36,17 +48,14 @@ PROTO_MEMORY_FIELDS = {
     "OFF_PROTO_SYSCTL_MEM": Field("proto.sysctl_mem", 8),
 }
 SHARED_HEADER = "bpftune.bpf.h"
-BPF_F_ALLOW_MULTI = 2
-BPF_PROG_TYPE_CGROUP_SYSCTL = 23  # BCC 0.26 has no name for it
-BPF_CGROUP_SYSCTL = 18  # enum bpf_attach_type
 #: Cgroup program kinds a tuner can declare: (program type, attach type).
-CGROUP_ATTACH = {"sysctl": (BPF_PROG_TYPE_CGROUP_SYSCTL, BPF_CGROUP_SYSCTL),
-                 "sock_ops": (13, 3)}  # BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS
-BPF_PROG_NAME_LEN = 15  # the kernel keeps 15 characters of a program's name
-
-
-class BpfError(Exception):
-    pass
+CGROUP_ATTACH = {"sysctl": (23, libbpf.BPF_CGROUP_SYSCTL),  # BPF_PROG_TYPE_CGROUP_SYSCTL
+                 "sock_ops": (13, libbpf.BPF_CGROUP_SOCK_OPS)}  # BPF_PROG_TYPE_SOCK_OPS
+#: Where the loader child pins the shared maps: a bpffs in its own mount namespace.
+PIN_DIR = "/sys/fs/bpf"
+LOADER_TIMEOUT_S = 120  # a compile takes well under a second; LLVM can hang
+RING_PAGES = 64  # each ring buffer, as bpftune.bpf.h declares them
+SCM_MAX_FD = 253  # the most fds one message carries
 
 
 def bpf_dir() -> Path:
@@ -57,75 +66,186 @@ def bpf_dir() -> Path:
         raise BpfError(str(e)) from None
 
 
-@contextlib.contextmanager
-def compiler_output_to_log() -> Iterator[None]:
-    """BCC prints compiler diagnostics on fd 2: show them only when debugging."""
-    if log.level >= 7:
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+@dataclass
+class Module:
+    """A tuner's compiled BPF module, as the daemon holds it: maps by name (BCC's table
+    idioms, through libbpf), program fds, and the fds that keep its hooks attached."""
+
+    name: str
+    functions: list[str]
+    maps: dict[str, tuple[int, object, object]] = field(default_factory=dict)
+    programs: dict[str, int] = field(default_factory=dict)
+    attachments: list[int] = field(default_factory=list)
+    _tables: dict[str, libbpf.Table] = field(default_factory=dict)
+
+    def __getitem__(self, name: str | bytes) -> libbpf.Table:
+        name = name.decode() if isinstance(name, bytes) else name
+        if name not in self._tables:
+            fd, key, leaf = self.maps[name]
+            self._tables[name] = libbpf.Table(name, fd, key, leaf)
+        return self._tables[name]
+
+    def close(self) -> None:
+        """Detach and unload: closing the last fds is what the kernel needs."""
+        for fd in (*self.attachments, *self.programs.values(),
+                   *(fd for fd, _, _ in self.maps.values())):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.attachments, self.programs, self.maps, self._tables = [], {}, {}, {}
 
 
-def bcc_module():
-    try:
-        import bcc
-    except ImportError as e:
-        raise BpfError("BCC is not installed (python3-bpfcc / python3-bcc)") from e
-    return bcc
+@dataclass
+class CompileRequest:
+    """One module for a loader child: the source text (shared header pasted in) and flags."""
+
+    name: str
+    text: str
+    cflags: list[str]
+    cgroup: dict[str, int] = field(default_factory=dict)  # function -> program type
+    attach: bool = True
 
 
-def _compiled_only():
-    """BCC's BPF, but compiling only: BPF() loads and attaches tracepoints and kfuncs."""
-    class CompiledOnly(bcc_module().BPF):
-        def _trace_autoload(self) -> None:
-            pass
+class Loader:
+    """Runs loader children and turns their answers into Modules (or BpfErrors)."""
 
-    return CompiledOnly
+    def __init__(self, shared: dict[str, int]) -> None:
+        self.shared = shared
+
+    def load(self, requests: list[CompileRequest], children: int = 1
+             ) -> dict[str, Module | BpfError]:
+        """Compile every request, split over ``children`` processes run side by side."""
+        batches = [requests[i::children] for i in range(min(children, len(requests)))]
+        running = [self._spawn(batch) for batch in batches]
+        results: dict[str, Module | BpfError] = {}
+        for batch, (child, sock, diagnostics) in zip(batches, running, strict=True):
+            results |= self._collect_or_retry(batch, child, sock, diagnostics)
+        return results
+
+    def _collect_or_retry(self, batch: list[CompileRequest], child, sock, diagnostics
+                          ) -> dict[str, Module | BpfError]:
+        """A child that dies (LLVM aborts on some errors) does so compiling the first
+        module it did not answer: that one fails, the rest get a new child."""
+        results, said = self._collect(batch, child, sock, diagnostics)
+        left = [r for r in batch if r.name not in results]
+        if left and child.returncode > 0:  # the loader's own error (bpftune.loader's main)
+            return results | {r.name: BpfError(f"BPF loader failed: {said}") for r in left}
+        if left:
+            results[left[0].name] = BpfError(
+                f"BPF loader died compiling it ({_how_ended(child.returncode)})")
+            if left[1:]:
+                results |= self._collect_or_retry(left[1:], *self._spawn(left[1:]))
+        return results
+
+    def _spawn(self, batch: list[CompileRequest]):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A file, not a pipe, which could fill while we wait; closed by _log_diagnostics.
+        diagnostics = tempfile.TemporaryFile()  # noqa: SIM115
+        request = {"sock": theirs.fileno(), "pin_dir": PIN_DIR, "shared": self.shared,
+                   "modules": [vars(r) for r in batch]}
+        engine_path = str(Path(bpftune.__file__).resolve().parent.parent)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(
+            p for p in (engine_path, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "bpftune.loader"],
+                                     stdin=subprocess.PIPE, stdout=diagnostics,
+                                     stderr=diagnostics, env=env,
+                                     pass_fds=[theirs.fileno(), *self.shared.values()])
+        except OSError as e:
+            raise BpfError(f"cannot start the BPF loader: {e}") from None
+        finally:
+            theirs.close()
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.write(json.dumps(request).encode())
+        child.stdin.close()
+        return child, ours, diagnostics
+
+    def _collect(self, batch, child, sock, diagnostics
+                 ) -> tuple[dict[str, Module | BpfError], str]:
+        """The child's answers, and the last line it wrote (its error, if it failed)."""
+        results: dict[str, Module | BpfError] = {}
+        deadline = time.monotonic() + LOADER_TIMEOUT_S
+        with sock:
+            while len(results) < len(batch):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    child.kill()  # our own child, by its PID
+                    break
+                message, fds, _, _ = socket.recv_fds(sock, 1 << 20, SCM_MAX_FD)
+                if not message:
+                    break
+                answer = json.loads(message)
+                results[answer["name"]] = _module(answer, fds)
+        child.wait()
+        return results, _log_diagnostics(diagnostics)
+
+
+def _module(answer: dict, fds: list[int]) -> Module | BpfError:
+    if "error" in answer:
+        return BpfError(answer["error"])
+    return Module(answer["name"], answer["functions"],
+                  maps={n: (fds[m["fd"]], m["key"], m["leaf"])
+                        for n, m in answer.get("maps", {}).items()},
+                  programs={n: fds[i] for n, i in answer.get("programs", {}).items()},
+                  attachments=[fds[i] for i in answer.get("attachments", [])])
+
+
+def _how_ended(status: int) -> str:
+    return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+
+
+def _log_diagnostics(diagnostics) -> str:
+    """The compiler's warnings and errors: only when debugging (as BCC's on stderr were).
+    Returns the last line."""
+    with diagnostics:
+        diagnostics.seek(0)
+        lines = [line for line in diagnostics.read().decode(errors="replace").splitlines()
+                 if line.strip()]
+    for line in lines:
+        log.debug(f"loader: {line}")
+    return lines[-1] if lines else "no message"
 
 
 class Programs:
-    """The core BPF module (ring buffer, rate-limit map) and compilation of tuner programs."""
+    """The shared maps and ring buffers, and compilation of tuner programs (in children)."""
 
-    def __init__(self, btf: Btf, learning_rate: LearningRate,
+    def __init__(self, btf: Btf | None, learning_rate: LearningRate,
                  on_event: Callable[[Event], None]) -> None:
-        self.btf: Btf | None = btf
+        self.btf = btf
         self.dir = bpf_dir()
         self.learning_rate = learning_rate
         self.on_event = on_event
         self.events_received = 0
-        # Offset flags of each set of fields compiled for: a tuner compiled at start-up can
-        # be compiled again once the BTF is freed (a strategy switch).
-        self._offsets: dict[frozenset[tuple[str, Field]], list[str]] = {}
-        bcc = bcc_module()
-        with compiler_output_to_log():
-            try:
-                self.core = bcc.BPF(text=b'#define BPFTUNE_CORE\n#include "bpftune.bpf.h"\n',
-                                    cflags=[f"-I{self.dir}"])
-            except Exception as e:
-                raise BpfError(f"cannot create the BPF ring buffer: {e}") from e
-        # Keep a reference: BCC holds only a C pointer to the callback.
-        self._callback = self._on_ring_buffer
-        for ring in (b"bpftune_events", b"bpftune_admin_events"):
-            self.core[ring].open_ring_buffer(self._callback)
+        page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            self.shared = {
+                "bpftune_events": libbpf.map_create(libbpf.MAP_RINGBUF, "bpftune_events",
+                                                    0, 0, RING_PAGES * page),
+                "bpftune_admin_events": libbpf.map_create(libbpf.MAP_RINGBUF, "bpftune_admin",
+                                                          0, 0, RING_PAGES * page),
+                # struct rate_key (16 bytes) -> u64, as bpftune.bpf.h declares it
+                "bpftune_last_event": libbpf.map_create(libbpf.MAP_LRU_HASH, "bpftune_last",
+                                                        16, 8, 16384),
+                "bpftune_dropped": libbpf.map_create(libbpf.MAP_PERCPU_ARRAY,
+                                                     "bpftune_dropped", 4, 8, 2),
+            }
+            self.rings = libbpf.RingBuffers()
+            for ring in ("bpftune_events", "bpftune_admin_events"):
+                self.rings.add(self.shared[ring], self._on_ring_buffer)
+        except BpfError as e:
+            raise BpfError(f"cannot create the BPF ring buffer: {e}") from e
+        self.dropped = libbpf.Table("bpftune_dropped", self.shared["bpftune_dropped"],
+                                    "int", "unsigned long long")
+        self.loader = Loader(self.shared)
 
-    def _on_ring_buffer(self, _ctx, data, size) -> int:
+    def _on_ring_buffer(self, data: int, size: int) -> None:
         event = Event.from_buffer_address(data, size)
         if event is None:
             log.err(f"unexpected size event {size}")
-            return 0
+            return
         self.events_received += 1
         self.on_event(event)
-        return 0
 
-    def _text(self, source: Path, text: str | None, checks: str = "") -> bytes:
+    def _text(self, source: Path, text: str | None, checks: str = "") -> str:
         """The source with bpftune.bpf.h pasted in: BCC rewrites map method calls
         (``bpftune_events.ringbuf_output(...)``) only in the main file, not in headers."""
         if text is None:
@@ -135,73 +255,76 @@ class Programs:
                 raise BpfError(f"refusing to read BPF source '{source}' outside {self.dir}")
             text = source.read_text()
         header = (self.dir / SHARED_HEADER).read_text()
-        return (text.replace(f'#include "{SHARED_HEADER}"', header) + checks).encode()
+        return text.replace(f'#include "{SHARED_HEADER}"', header) + checks
 
-    def compile(self, source: Path, tuner_id: int, fields: dict[str, Field], *,
+    def request(self, name: str, source: Path, tuner_id: int, fields: dict[str, Field], *,
                 text: str | None = None, defines: list[str] | None = None,
-                checks: str = "", attach: bool = True):
-        """Compile a tuner's BPF source; tracepoints and fentry attach automatically, unless
-        not ``attach`` (then nothing is loaded into the kernel but its maps).
+                checks: str = "", cgroup: dict[str, str] | None = None,
+                attach: bool = True) -> CompileRequest:
+        """What a loader child needs to compile a tuner's BPF source; tracepoints and fentry
+        attach there, cgroup programs (function -> kind) are loaded for the daemon to attach.
+        Not ``attach``: compiled and checked, nothing kept.
         ``text`` is the source's content when the caller has read it (a plugin's, after the
         trust checks); otherwise ``source`` must be a file of bpf_dir(). ``defines`` are the
         tuner's ids and its plan's hooks (-D flags); ``checks`` is C appended to the source
         (static assertions of the tuner's event payload layout)."""
         cflags = [
-            f"-I{self.dir}",
             f"-DTUNER_ID={tuner_id}",
             f"-DLEARNING_SHIFT={self.learning_rate.shift}",
             f"-DBPFTUNE_PID={os.getpid()}",
             f"-DGLOBAL_NETNS_COOKIE={current_cookie()}ULL",
             f"-DSAMPLE_EVERY={SAMPLE_EVERY}",
             f"-DSAMPLE_SLOTS={SAMPLE_SLOTS}",
+            f'-DPIN_DIR="{PIN_DIR}"',
             *self._offset_defines(COMMON_FIELDS | fields),
             *(defines or []),
         ]
-        with compiler_output_to_log():
-            try:
-                bpf_class = bcc_module().BPF if attach else _compiled_only()
-                return bpf_class(text=self._text(source, text, checks), cflags=cflags)
-            except BpfError:
-                raise
-            except Exception as e:
-                raise BpfError(f"cannot load BPF program {source.name}: {e}") from e
+        return CompileRequest(name, self._text(source, text, checks), cflags,
+                              {f: CGROUP_ATTACH[kind][0] for f, kind in (cgroup or {}).items()},
+                              attach)
+
+    def load(self, requests: list[CompileRequest]) -> dict[str, Module | BpfError]:
+        """Compile and load in loader children, one per CPU (up to 3) side by side: BCC's
+        compile of each module (0.3 s) is most of the time to start. Each child peaks
+        near 130 MiB while it compiles; the daemon itself never does."""
+        children = max(1, min(3, len(os.sched_getaffinity(0))))
+        return self.loader.load(requests, children)
+
+    def compile(self, source: Path, tuner_id: int, fields: dict[str, Field],
+                **options) -> Module:
+        """One module, loaded (or a BpfError)."""
+        request = self.request(source.stem, source, tuner_id, fields, **options)
+        result = self.loader.load([request])[request.name]
+        if isinstance(result, BpfError):
+            raise BpfError(f"cannot load BPF program {source.name}: {result}")
+        return result
 
     def _offset_defines(self, fields: dict[str, Field]) -> list[str]:
-        key = frozenset(fields.items())
-        if key not in self._offsets:
-            if self.btf is None:
-                raise BpfError("BPF programs can only be loaded at start-up")
-            self._offsets[key] = offset_defines(self.btf, fields)
-        return self._offsets[key]
+        # Freed after start-up; a strategy switch reads it again (milliseconds) for the
+        # time of its compile.
+        return offset_defines(self.btf or Btf.load(), fields)
 
     @property
     def events_dropped(self) -> int:
         """Events lost because a ring buffer was full (tuning and administrators' events)."""
-        table = self.core[b"bpftune_dropped"]
-        return sum(sum(table[i]) for i in range(2))
+        return sum(sum(self.dropped[i]) for i in range(2))
 
     def loading_done(self) -> None:
-        """Once every program is compiled, give back what the parsed BTF (over 100 MB of
-        Python objects) and LLVM hold; a later compile (a strategy switch) can only reuse the
-        field offsets of an earlier one."""
+        """The BTF (6 MiB) is needed again only for a strategy switch."""
         self.btf = None
-        gc.collect()
-        self.release_memory()
-
-    def release_memory(self) -> None:
-        """Give back what compiling took (LLVM's code pages, freed heap)."""
-        self.core.free_bcc_memory()
-        ct.CDLL(None).malloc_trim(0)  # hand freed heap pages back to the kernel
 
     def poll(self, timeout_ms: int) -> None:
-        self.core.ring_buffer_poll(timeout_ms)
+        self.rings.poll(timeout_ms)  # -EINTR when a signal arrives: the loop checks
 
     def drain(self) -> None:
         """Handle every event already in the ring buffers, now."""
-        self.core.ring_buffer_consume()
+        self.rings.consume()
 
     def close(self) -> None:
-        self.core.cleanup()
+        self.rings.close()
+        for fd in self.shared.values():
+            os.close(fd)
+        self.shared = {}
 
 
 def _libc_mount(source: str, target: str, fstype: str) -> None:
@@ -246,33 +369,21 @@ class Cgroup:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def detach_stale(self, names: list[str]) -> None:
-        """Detach programs left attached by a bpftune that was killed (kill -9)."""
-        try:
-            out = subprocess.run(["bpftool", "-j", "cgroup", "show", self.path],
-                                 capture_output=True, check=True, text=True).stdout
-            attached = json.loads(out or "[]")
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            return
-        prefixes = {n[:BPF_PROG_NAME_LEN] for n in names}
-        for prog in attached:
-            if prog.get("name", "")[:BPF_PROG_NAME_LEN] not in prefixes:
-                continue
-            log.debug(f"detaching old BPF program '{prog['name']}'")
-            # bpftool names the attach type "cgroup_sysctl"; older ones only accept "sysctl".
-            for attach_type in (prog["attach_type"], prog["attach_type"].removeprefix("cgroup_")):
-                done = subprocess.run(["bpftool", "cgroup", "detach", self.path, attach_type,
-                                       "id", str(prog["id"])], capture_output=True, check=False)
-                if done.returncode == 0:
-                    break
+        """Detach programs a bpftune before links left attached after a kill -9 (links
+        go with the daemon's fds; the attachments of older versions stay)."""
+        for kind in {CGROUP_ATTACH[k][1] for k in CGROUP_ATTACH}:
+            try:
+                for detached in libbpf.detach_stale(self.fd, kind, set(names)):
+                    log.debug(f"detached old BPF program {detached}")
+            except BpfError as e:
+                log.debug(f"cannot look for old BPF programs: {e}")
 
-    def attach(self, bpf, fn_name: str, kind: str) -> None:
-        prog_type, attach_type = CGROUP_ATTACH[kind]
-        fn = bpf.load_func(fn_name.encode(), prog_type)
-        bpf.attach_func(fn, self.fd, attach_type, BPF_F_ALLOW_MULTI)
-
-    def detach(self, bpf, fn_name: str, kind: str) -> None:
-        with contextlib.suppress(Exception):
-            bpf.detach_func(bpf.funcs[fn_name.encode()], self.fd, CGROUP_ATTACH[kind][1])
+    def attach(self, module: Module, function: str, kind: str) -> None:
+        """A bpf_link: detached when its fd closes, so also when the daemon is killed.
+        Deliberately not upstream's BPF_F_ALLOW_MULTI attachment, which a kill -9 leaves
+        running with nobody reading its events (reference 1.9)."""
+        link = libbpf.cgroup_link(module.programs[function], self.fd, CGROUP_ATTACH[kind][1])
+        module.attachments.append(link)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpftune import __version__, caps, plugins, support
-from bpftune.bpf import BpfError, Cgroup, Programs, bpf_dir, ensure_tracefs
+from bpftune.bpf import (
+    BpfError,
+    Cgroup,
+    CompileRequest,
+    Module,
+    Programs,
+    bpf_dir,
+    ensure_tracefs,
+)
 from bpftune.btf import Btf, BtfError
 from bpftune.changes import Changes, StateFile
 from bpftune.correlation import Correlations
@@ -85,15 +93,15 @@ class Engine:
             self.programs = Programs(btf, self.learning_rate, self.dispatch)
         except (OSError, BtfError) as e:
             raise StartError(str(e)) from None
-        self.support = support.probe(btf, self.programs)
+        self.support = support.probe(btf)
         self._log_support()
-        for cls in plugins.discover(self.options.allow, self.options.plugin_dir):
-            self.load(cls)
+        self.load(plugins.discover(self.options.allow, self.options.plugin_dir))
         if not self.active_tuners():
             raise StartError("no tuners could be loaded")
         for tuner in self.active_tuners():
             tuner.started()
         self.programs.loading_done()
+        self.support.btf = None  # only plans needed it
         caps.drop()  # keep only what running needs (caps.KEPT); before any thread starts
         try:  # watching first, so that nothing created or destroyed meanwhile is missed
             self.netns_watch = NetnsWatch(self.namespaces, self.announce_new_namespaces,
@@ -130,70 +138,107 @@ class Engine:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def load(self, cls: type[Tuner]) -> Tuner | None:
-        tuner = cls(self, len(self.tuners))
+    def load(self, classes: list[type[Tuner]]) -> None:
+        """Plan each tuner, compile every module at once (in loader children, side by
+        side), then start each tuner whose programs loaded."""
+        tuners = [t for t in (self._plan(cls, tuner_id) for tuner_id, cls in enumerate(classes))
+                  if t is not None]
+        results = self.programs.load([r for t in tuners for r in self._requests(t)])
+        results |= self._fentry_fallback(tuners, results)
+        for tuner in tuners:
+            self._start(tuner, results)
+
+    def _plan(self, cls: type[Tuner], tuner_id: int) -> Tuner | None:
+        tuner = cls(self, tuner_id)
         try:
             tuner.plans = cls.strategy_plans(self.programs.btf, self.support.present)
             tuner.hooks = tuner.plans[tuner.strategy]
             self._check_tunables(tuner)
-            self._load_bpf(tuner)
-            self._check_other_strategies(tuner)
-            tuner.init()
         except NotNeeded as e:
             self.unloaded[tuner.name] = f"not needed: {e}"
             return None
         except Exception as e:
-            self.unloaded[tuner.name] = f"cannot load: {e}"
-            log.err(f"error initializing '{tuner.name}': {e}")
-            self._unload_bpf(tuner)
+            self._failed(tuner, e)
             return None
+        return tuner
+
+    def _start(self, tuner: Tuner, results: dict[str, Module | BpfError]) -> None:
+        try:
+            self._take_bpf(tuner, results)
+            tuner.init()
+        except Exception as e:
+            self._failed(tuner, e)
+            self._unload_bpf(tuner)
+            return
         tuner.state = TunerState.ACTIVE
         tuner.arm_strategy_timeout(time.monotonic())
         self.tuners.append(tuner)
         log.debug(f"successfully initialized tuner {tuner!r} ({tuner.hooks.describe()})")
-        return tuner
 
-    def _load_bpf(self, tuner: Tuner) -> None:
-        """Compile and attach the tuner's programs for its current plan (and strategy)."""
-        if tuner.bpf_source:
-            tuner.bpf = self._compile(tuner)
-        self._attach_cgroup_programs(tuner)
-        tuner.publish_values()
+    def _failed(self, tuner: Tuner, e: Exception) -> None:
+        self.unloaded[tuner.name] = f"cannot load: {e}"
+        log.err(f"error initializing '{tuner.name}': {e}")
 
-    def _compile(self, tuner: Tuner):
-        """Compile with the tuner's plan; if the kernel refuses its fentry hooks (BTF lists
-        the function, but it may not be traceable), fall back to the plan without fentry
-        (only at start-up, while the BTF is there)."""
-        try:
-            return self._compile_plan(tuner, tuner.hooks)
-        except BpfError as e:
-            if not tuner.hooks.uses_trampolines() or self.programs.btf is None:
-                raise
-            tuner.plans = type(tuner).strategy_plans(self.programs.btf,
-                                                     self.support.present - {"fentry"})
-            fallback = tuner.hooks = tuner.plans[tuner.strategy]
-            log.notice(f"{tuner.name}: fentry refused ({e}); using {fallback.describe()}")
-            return self._compile_plan(tuner, fallback)
+    def _requests(self, tuner: Tuner, *, others: bool = True) -> list[CompileRequest]:
+        """The tuner's module for its current plan (and strategy); with ``others``, the
+        other strategies' modules to compile only: an error of LLVM's BPF backend (e.g.
+        over 512 bytes of stack) is better found at start than at a switch."""
+        if not tuner.bpf_source:
+            return []
+        requests = [self._request(tuner, tuner.name, tuner.hooks,
+                                  cgroup={p.function: p.kind
+                                          for p in tuner.cgroup_attachments()})]
+        if others:
+            requests += [self._request(tuner, f"{tuner.name}/{strategy.name}", plan,
+                                       attach=False)
+                         for strategy, plan in tuner.plans.items()
+                         if strategy is not tuner.strategy]
+        return requests
 
-    def _compile_plan(self, tuner: Tuner, plan: Plan, *, attach: bool = True):
+    def _request(self, tuner: Tuner, name: str, plan: Plan, **options) -> CompileRequest:
         source = Path(tuner.plugin_dir or bpf_dir()) / tuner.bpf_source
-        return self.programs.compile(source, event_tuner_id(tuner.id, tuner.generation),
+        return self.programs.request(name, source, event_tuner_id(tuner.id, tuner.generation),
                                      tuner.fields, text=plugins.bpf_text(tuner),
                                      defines=tuner.id_defines() + plan.cflags()
                                      + tuner.compile_defines(),
-                                     checks=tuner.compile_checks(), attach=attach)
+                                     checks=tuner.compile_checks(), **options)
 
-    def _check_other_strategies(self, tuner: Tuner) -> None:
-        """Compile, loading nothing, the programs of the strategies not running: an error
-        of LLVM's BPF backend (e.g. over 512 bytes of stack) ends the process, so better at
-        start than at a switch."""
-        for strategy, plan in tuner.plans.items():
-            if strategy is not tuner.strategy and tuner.bpf_source:
-                self._compile_plan(tuner, plan, attach=False).cleanup()
+    def _fentry_fallback(self, tuners: list[Tuner], results: dict[str, Module | BpfError]
+                         ) -> dict[str, Module | BpfError]:
+        """If the kernel refused a tuner's fentry hooks (BTF lists the function, but it may
+        not be traceable), compile again with its plan without fentry."""
+        retry = [t for t in tuners if isinstance(results.get(t.name), BpfError)
+                 and t.hooks.uses_trampolines()]
+        for tuner in retry:
+            tuner.plans = type(tuner).strategy_plans(self.programs.btf,
+                                                     self.support.present - {"fentry"})
+            tuner.hooks = tuner.plans[tuner.strategy]
+            log.notice(f"{tuner.name}: fentry refused ({results[tuner.name]}); "
+                       f"using {tuner.hooks.describe()}")
+        return self.programs.load([r for t in retry for r in self._requests(t)]) if retry else {}
+
+    def _take_bpf(self, tuner: Tuner, results: dict[str, Module | BpfError]) -> None:
+        """The tuner's loaded module (its cgroup programs attached), or its error."""
+        mine = {name: result for name, result in results.items()
+                if name == tuner.name or name.startswith(f"{tuner.name}/")}
+        for name, result in mine.items():
+            if name != tuner.name and isinstance(result, Module):
+                result.close()  # another strategy's, compiled only: nothing to keep
+        errors = [(name, e) for name, e in mine.items() if isinstance(e, BpfError)]
+        module = mine.get(tuner.name)
+        if errors:
+            if isinstance(module, Module):
+                module.close()
+            name, e = errors[0]
+            raise BpfError(f"cannot load BPF program {tuner.bpf_source}"
+                           f"{name.removeprefix(tuner.name)}: {e}")
+        tuner.bpf = module
+        self._attach_cgroup_programs(tuner)
+        tuner.publish_values()
 
     def _attach_cgroup_programs(self, tuner: Tuner) -> None:
         programs = tuner.cgroup_attachments()
-        if programs:  # a killed bpftune's, whatever strategy it was in
+        if programs:  # an older bpftune's, whatever strategy it was in
             self.cgroup.detach_stale([p.function for p in tuner.every_cgroup_attachment()])
         for p in programs:
             self.cgroup.attach(tuner.bpf, p.function, p.kind)
@@ -221,10 +266,10 @@ class Engine:
             self._dispatch(event)
 
     def _dispatch(self, event: Event) -> None:
-        if event.tuner_index >= len(self.tuners):
+        tuner = next((t for t in self.tuners if t.id == event.tuner_index), None)
+        if tuner is None:
             log.err(f"no tuner for id {event.tuner_id}")
             return
-        tuner = self.tuners[event.tuner_index]
         if event.generation != tuner.generation:
             log.debug(f"event scenario [{event.scenario_id}] for tuner {tuner!r} skipped: "
                       f"sent by BPF programs since unloaded (strategy switch)")
@@ -322,8 +367,7 @@ class Engine:
     def _start_strategy(self, tuner: Tuner, strategy: Strategy) -> None:
         tuner.strategy, tuner.hooks = strategy, tuner.plans[strategy]
         tuner.generation = (tuner.generation + 1) % GENERATIONS  # tells its events apart
-        self._load_bpf(tuner)
-        self.programs.release_memory()  # what compiling took (see Programs.loading_done)
+        self._take_bpf(tuner, self.programs.load(self._requests(tuner, others=False)))
         tuner.init()
 
     def _on_signal(self, _signum, _frame) -> None:
@@ -398,9 +442,7 @@ class Engine:
 
     def _unload_bpf(self, tuner: Tuner) -> None:
         if tuner.bpf is not None:
-            for p in tuner.cgroup_attachments():
-                self.cgroup.detach(tuner.bpf, p.function, p.kind)
-            tuner.bpf.cleanup()
+            tuner.bpf.close()  # its attachments (cgroup links too) go with its fds
             tuner.bpf = None
 
     def stop(self) -> None:

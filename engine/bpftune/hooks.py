@@ -10,7 +10,9 @@ source with ``-DHOOK_<KIND>_<target>`` for each; the C file guards each hook's p
 
 A hook that fires on every packet or system call is sampled: its program looks at one call
 in SAMPLE_EVERY (``sampled_in()`` in bpf/bpftune.bpf.h), counting the calls in its watch's
-slot (``SAMPLE_<NAME>``); the exit summary reports the counts, as upstream does.
+slot (``SAMPLE_<NAME>``); the exit summary reports the counts, as upstream does. Several
+sampled watches can share a hook (one program): ``-DSAMPLE_<NAME>_BY_<KIND>_<target>`` says
+which watches the chosen hook serves.
 
 A ``sock_ops`` hook is a sockops program of the tuner's source, attached to the cgroup by
 the engine; it needs the BPF_SOCK_OPS_* callback named in ``needs``.
@@ -125,9 +127,11 @@ class Plan:
     unwatched: list[str] = field(default_factory=list)  # optional watches with no hook
     cgroup: list[str] = field(default_factory=list)  # cgroup program kinds, e.g. "sysctl"
     defines: list[str] = field(default_factory=list)  # the tuner's constants from BTF
+    sampled_by: list[str] = field(default_factory=list)  # -DSAMPLE_<NAME>_BY_<hook>
 
     def cflags(self) -> list[str]:
-        return [h.define for h in self.hooks.values()] + self.defines
+        hooks = dict.fromkeys(h.define for h in self.hooks.values())  # once if shared
+        return [*hooks, *self.sampled_by, *self.defines]
 
     def uses_trampolines(self) -> bool:
         return any(KINDS[h.kind] == "fentry" for h in self.hooks.values())
@@ -159,6 +163,9 @@ def make_plan(watches: Iterable[Watch], btf, features: set[str],
                       None)
         if chosen:
             plan.hooks[watch.what] = chosen
+            if chosen.sampled:
+                plan.sampled_by.append(f"-D{watch.sample_define}_BY_"
+                                       f"{chosen.define.removeprefix('-DHOOK_')}")
         elif watch.optional:
             plan.unwatched.append(watch.what)
         else:

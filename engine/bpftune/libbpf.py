@@ -104,17 +104,20 @@ _SIGNATURES = {
 }
 
 
-class _Lib:
-    """libbpf's functions used here, declared on first use."""
+class Functions:
+    """libbpf functions by name, declared on first use from ``signatures``:
+    name -> (restype, argtypes). Each module declares the ones it uses."""
+
+    def __init__(self, signatures: dict[str, tuple]) -> None:
+        self._signatures = signatures
 
     def __getattr__(self, name: str):
-        restype, argtypes = _SIGNATURES[name]
-        fn = function(name, restype, argtypes)
+        fn = function(name, *self._signatures[name])
         setattr(self, name, fn)
         return fn
 
 
-_lib = _Lib()
+_lib = Functions(_SIGNATURES)
 
 
 def _check(ret: int, what: str) -> int:
@@ -359,8 +362,9 @@ def map_fd_by_id(map_id: int) -> int:
 
 
 def detach_stale(cgroup_fd: int, attach_type: int, names: set[str]) -> list[str]:
-    """What Cgroup.detach_stale does with bpftool today: detach the programs a killed
-    daemon left, found by name (the kernel keeps 15 characters)."""
+    """Detach the programs attached to the cgroup (not through a link) whose names are
+    ``names``: what a killed bpftune of a version before links left. The kernel keeps 15
+    characters of a program's name."""
     detached = []
     for prog_id in cgroup_programs(cgroup_fd, attach_type):
         fd = prog_fd_by_id(prog_id)

@@ -1,4 +1,4 @@
-"""Neighbour tables (ARP and NDISC) over rtnetlink, with pyroute2: a table's thresholds, size
+"""Neighbour tables (ARP and NDISC) over rtnetlink (``bpftune.rtnl``): a table's thresholds, size
 and counters; setting its thresholds; and the addresses of a device, which bound how many
 neighbours it can reasonably have.
 
@@ -15,12 +15,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_GETNEIGHTBL, RTM_NEWNEIGHTBL, RTM_SETNEIGHTBL
-from pyroute2.netlink.rtnl.ndtmsg import ndtmsg
-
+from bpftune import rtnl
+from bpftune.rtnl import NetlinkError, ndtmsg, nla
 from bpftune.sysctl import INT_MAX, PROC_SYS, SysctlError
 
 TABLES = {socket.AF_INET: "arp_cache", socket.AF_INET6: "ndisc_cache"}
@@ -73,9 +69,8 @@ def table_state(family: int) -> TableState:
     msg = _ndtmsg()
     msg["family"] = family
     try:
-        with IPRoute() as ipr:
-            ipr.marshal.msg_map[RTM_NEWNEIGHTBL] = _ndtmsg
-            replies = list(ipr.nlm_request(msg, RTM_GETNEIGHTBL))
+        replies = rtnl.request(msg, rtnl.RTM_GETNEIGHTBL, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP,
+                               policy={rtnl.RTM_NEWNEIGHTBL: _ndtmsg})
     except (NetlinkError, OSError) as e:
         raise _error("read", family, e) from None
     for m in replies:  # one reply for the table, then one per device's parameters
@@ -98,8 +93,7 @@ def set_thresholds(family: int, thresholds: tuple[int, ...]) -> None:
     msg["attrs"] = [("NDTA_NAME", TABLES[family]),
                     *((f"NDTA_THRESH{i}", v) for i, v in enumerate(thresholds, 1))]
     try:
-        with IPRoute() as ipr:
-            ipr.nlm_request(msg, RTM_SETNEIGHTBL, NLM_F_REQUEST | NLM_F_ACK)
+        rtnl.request(msg, rtnl.RTM_SETNEIGHTBL, rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK)
     except (NetlinkError, OSError) as e:
         raise _error("change", family, e) from None
 
@@ -107,16 +101,18 @@ def set_thresholds(family: int, thresholds: tuple[int, ...]) -> None:
 def device_prefixes(ifindex: int, name: str, family: int) -> list[int] | None:
     """Prefix lengths of the family's addresses on device ``ifindex`` of the calling
     thread's namespace; None if the device is gone (or the index now names another)."""
-    try:
-        with IPRoute() as ipr:
-            (link,) = ipr.get_links(ifindex)
-            if link.get_attr("IFLA_IFNAME") != name:
-                return None
-            return [a["prefixlen"] for a in ipr.get_addr(family=family, index=ifindex)]
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
+    try:  # libc asks through a socket it opens now, so in the calling thread's namespace
+        if socket.if_indextoname(ifindex) != name:
+            return None
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENODEV):
             return None
         raise
+    msg = rtnl.ifaddrmsg()
+    msg["family"] = family
+    # The kernel dumps every device's addresses of the family; no filter without strict checks.
+    dump = rtnl.request(msg, rtnl.RTM_GETADDR, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP)
+    return [a["prefixlen"] for a in dump if a["index"] == ifindex and a["family"] == family]
 
 
 def reasonable_max(family: int, prefixes: list[int]) -> int:

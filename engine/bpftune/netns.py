@@ -20,11 +20,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, NetlinkError
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.rtnl import RTM_NEWNSID
-from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
+from bpftune import rtnl
+from bpftune.rtnl import NetlinkError, nsidmsg, setns
 
 SO_NETNS_COOKIE = 71
 NETNS_RUN_DIR = "/run/netns"
@@ -64,7 +61,7 @@ def _is_named(path: str) -> bool:
 
 def _mounted_paths() -> Iterator[str]:
     with contextlib.suppress(OSError):
-        for name in pyroute2_netns.listnetns(NETNS_RUN_DIR):
+        for name in rtnl.listnetns(NETNS_RUN_DIR):
             yield os.path.join(NETNS_RUN_DIR, name)
 
 
@@ -82,15 +79,24 @@ def _candidate_paths() -> Iterator[str]:
             yield f"/proc/{pid}/ns/net"
 
 
-def assign_nsid(rtnl: IPRoute, fd: int) -> int | None:
+def assign_nsid(sock: rtnl.NetlinkSocket, fd: int) -> int | None:
     """The nsid of the namespace ``fd`` in ours, allocating one if it has none."""
     msg = nsidmsg()
     msg["attrs"] = [("NETNSA_NSID", NETNSA_NSID_NOT_ASSIGNED), ("NETNSA_FD", fd)]
     with contextlib.suppress(NetlinkError):  # EEXIST: it has one already
-        rtnl.nlm_request(msg, RTM_NEWNSID, NLM_F_REQUEST | NLM_F_ACK)
-    found = rtnl.get_netnsid(fd=fd)
-    nsid = found and found["nsid"]
+        rtnl.replies(sock, msg, rtnl.RTM_NEWNSID, rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK)
+    nsid = get_nsid(sock, ("NETNSA_FD", fd))
     return None if nsid in (None, NETNSA_NSID_NOT_ASSIGNED) else nsid
+
+
+def get_nsid(sock: rtnl.NetlinkSocket, key: tuple[str, int]) -> int | None:
+    """The nsid (RTM_GETNSID) of the namespace given by ``key``: ("NETNSA_FD", fd) or
+    ("NETNSA_NSID", nsid); NetlinkError (ENOENT) if there is none such."""
+    msg = nsidmsg()
+    msg["attrs"] = [key]
+    for reply in rtnl.replies(sock, msg, rtnl.RTM_GETNSID):
+        return reply.get_attr("NETNSA_NSID")
+    return None
 
 
 class Namespaces:
@@ -107,7 +113,7 @@ class Namespaces:
         # nsid -> cookies: nsids are reused, so one may briefly name a gone namespace and
         # its successor.
         self._cookies_by_nsid: dict[int, set[int]] = {}
-        self._rtnl = IPRoute()
+        self._rtnl = rtnl.open_socket()
         self._new: list[NetnsRef] = []
         # Cookies registered and not destroyed: a namespace whose path went stale (the
         # process it was found through exited) and is found again is not new.
@@ -147,11 +153,11 @@ class Namespaces:
         return f"nsenter --net={ref.path}"
 
     def _cookie_of(self, fd: int) -> int:
-        pyroute2_netns.setns(fd, flags=0)
+        setns(fd, flags=0)
         try:
             return current_cookie()
         finally:
-            pyroute2_netns.setns(self._own_fd, flags=0)
+            setns(self._own_fd, flags=0)
 
     def _probe(self, path: str, *, fresh: bool = False) -> NetnsRef | None:
         """The namespace at ``path``; ``fresh`` skips the inode cache, whose entry may name
@@ -292,10 +298,9 @@ class Namespaces:
 
     def _nsid_exists(self, nsid: int) -> bool:
         try:
-            found = self._rtnl.get_netnsid(nsid=nsid)
+            return get_nsid(self._rtnl, ("NETNSA_NSID", nsid)) == nsid
         except NetlinkError:  # ENOENT: no namespace has it
             return False
-        return bool(found) and found["nsid"] == nsid
 
     def forget(self, cookie: int) -> None:
         with self._lock:
@@ -371,7 +376,7 @@ class Namespaces:
                 self._by_cookie.pop(cookie, None)
                 raise NetnsError(f"cannot open {ref.path}: {e.strerror}") from None
             try:
-                pyroute2_netns.setns(fd, flags=0)
+                setns(fd, flags=0)
             except OSError as e:
                 raise NetnsError(f"cannot enter {ref.path}: {e}") from None
             finally:
@@ -383,4 +388,4 @@ class Namespaces:
                     raise NetnsError(f"network namespace {ref.path} is no longer cookie {cookie}")
                 yield
             finally:
-                pyroute2_netns.setns(self._own_fd, flags=0)
+                setns(self._own_fd, flags=0)

@@ -25,12 +25,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from pyroute2 import IPRoute
-
+from bpftune import rtnl
 from bpftune.log import log
 from bpftune.netns import NETNS_RUN_DIR, Namespaces
 
-RTNLGRP_NSID = 28
 IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
 MOUNT_WAIT_SECONDS = 0.5  # how long a new name may take to become a namespace
@@ -42,13 +40,18 @@ class NetnsWatch:
         self.namespaces = namespaces
         self.on_created = on_created
         self.on_destroyed = on_destroyed
-        self._rtnl = IPRoute()
-        self._rtnl.bind(groups=0)
-        self._rtnl.add_membership(RTNLGRP_NSID)
         self._inotify = self._watch_run_netns()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="bpftune-netns", daemon=True)
+        self._open_error: Exception | None = None
+        bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(bound,), name="bpftune-netns",
+                                        daemon=True)
         self._thread.start()
+        bound.wait()  # from now on no RTM_DELNSID is missed
+        if (error := self._open_error) is not None:
+            self._thread.join()
+            self._close_fds()
+            raise error if isinstance(error, OSError) else OSError(errno.EIO, str(error))
 
     @staticmethod
     def _watch_run_netns() -> int:
@@ -67,13 +70,34 @@ class NetnsWatch:
     def close(self) -> None:
         os.write(self._stop_w, b"x")
         self._thread.join(timeout=5)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in (self._stop_r, self._stop_w, self._inotify):
             os.close(fd)
-        self._rtnl.close()
 
-    def _run(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            for fd in (self._stop_r, self._inotify, self._rtnl.fileno()):
+    @staticmethod
+    def _nsid_socket() -> rtnl.NetlinkSocket:
+        """A socket on RTNLGRP_NSID, for the thread that reads it: pyroute2 0.9 gives each
+        thread that uses a socket object an underlying socket of its own."""
+        sock = rtnl.open_socket()
+        try:  # 0.9's socket has no add_membership; group 28 fits the bind-time mask of 1-32
+            sock.bind(groups=1 << (rtnl.RTNLGRP_NSID - 1))
+        except Exception:
+            sock.close()
+            raise
+        return sock
+
+    def _run(self, bound: threading.Event) -> None:
+        try:
+            sock = self._nsid_socket()
+        except Exception as e:  # OSError, NetlinkError, or 0.7's KeyError: no port left
+            self._open_error = e
+            return
+        finally:
+            bound.set()
+        with contextlib.closing(sock), selectors.DefaultSelector() as selector:
+            for fd in (self._stop_r, self._inotify, sock.fileno()):
                 selector.register(fd, selectors.EVENT_READ)
             while True:
                 try:
@@ -82,8 +106,8 @@ class NetnsWatch:
                         return
                     if self._inotify in ready:
                         self._names_created()
-                    if self._rtnl.fileno() in ready:
-                        self._nsids_deleted()
+                    if sock.fileno() in ready:
+                        self._nsids_deleted(sock)
                 except Exception as e:  # the watch must outlive any one bad event
                     log.err(f"error watching network namespaces: {e!r}")
                     time.sleep(0.1)
@@ -113,18 +137,18 @@ class NetnsWatch:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _nsids_deleted(self) -> None:
+    def _nsids_deleted(self, sock: rtnl.NetlinkSocket) -> None:
         try:
-            messages = self._rtnl.get()
-        except OSError as e:  # NetlinkError is one
-            if e.errno != errno.ENOBUFS and getattr(e, "code", None) != errno.ENOBUFS:
+            messages = sock.get()
+        except (OSError, rtnl.NetlinkError) as e:  # a full buffer, as either
+            if errno.ENOBUFS not in (getattr(e, "errno", None), getattr(e, "code", None)):
                 raise
             # Messages were lost to a full socket buffer: look at every nsid instead.
             for cookie in self.namespaces.recheck():
                 self.on_destroyed(cookie)
             return
         for msg in messages:
-            if msg.get("event") != "RTM_DELNSID":
+            if msg["header"]["type"] != rtnl.RTM_DELNSID:
                 continue
             nsid = msg.get_attr("NETNSA_NSID")
             for cookie in self.namespaces.destroyed(nsid):

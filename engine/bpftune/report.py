@@ -143,7 +143,7 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             rollback=engine.options.rollback,
             events_received=programs.events_received if programs else 0,
             events_dropped=programs.events_dropped if programs else 0,
-            bpf_programs=sum(len(t.bpf.funcs) for t in engine.tuners if t.bpf is not None),
+            bpf_programs=sum(len(t.bpf.programs) for t in engine.tuners if t.bpf is not None),
             tables=engine.table_sizes(), unloaded=dict(engine.unloaded))
 
 

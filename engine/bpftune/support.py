@@ -3,21 +3,14 @@ running kernel) and ``bpftune -S --btf FILE`` (another kernel, from its BTF alon
 
 from __future__ import annotations
 
+import ctypes as ct
+import os
 from dataclasses import dataclass, field, replace
 
-from bpftune import netns
-from bpftune.bpf import (
-    BPF_PROG_TYPE_CGROUP_SYSCTL,
-    BpfError,
-    Programs,
-    bcc_module,
-    bpf_dir,
-    compiler_output_to_log,
-    ensure_tracefs,
-)
+from bpftune import libbpf, netns
+from bpftune.bpf import ensure_tracefs
 from bpftune.btf import Btf, BtfError
 from bpftune.hooks import NotNeeded, Plan, PlanError
-from bpftune.learning import LearningRate
 from bpftune.tuner import Tuner
 
 FEATURES = {
@@ -30,13 +23,19 @@ FEATURES = {
     "sockops": "sockops programs",
     "netns_cookie": "network namespace cookies (SO_NETNS_COOKIE)",
 }
-# Programs in bpf/probe.bpf.c, by feature, with their BCC program type numbers.
-_PROBE_PROGRAMS = {
-    "tracepoints": ("probe_tracepoint", 5),
-    "raw_tracepoints": ("probe_raw_tracepoint", 17),
-    "cgroup_sysctl": ("probe_cgroup_sysctl", BPF_PROG_TYPE_CGROUP_SYSCTL),
-    "sockops": ("probe_sockops", 13),
+# Program types (enum bpf_prog_type) by feature, with a helper (enum bpf_func_id) the
+# tuners' programs of that type call, if the kernel must offer it there: libbpf loads a
+# minimal program of the type (and one calling the helper) to see whether the kernel takes
+# it. No compiler involved.
+_PROGRAM_TYPES = {
+    "tracepoints": (5, (130, "bpf_ringbuf_output")),
+    "raw_tracepoints": (17, None),
+    "cgroup_sysctl": (23, None),
+    "sockops": (13, (122, "bpf_get_netns_cookie")),  # the helper tcp_conn needs
 }
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY = 26, 24
+ENOTSUPP = 524  # the kernel's own "not supported", which the C library has no text for
 # For another kernel's BTF: the enum value whose presence means the feature exists.
 _BTF_MARKERS = {
     "ringbuf": ("bpf_map_type", "BPF_MAP_TYPE_RINGBUF"),
@@ -47,6 +46,26 @@ _BTF_MARKERS = {
     "sockops": ("bpf_prog_type", "BPF_PROG_TYPE_SOCK_OPS"),
 }
 FENTRY_PROBE = "tcp_sendmsg"  # any function every kernel has
+# r0 = 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT): struct bpf_insn x 2.
+_RETURN_0 = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+
+
+class _ProgLoadOpts(ct.Structure):
+    """libbpf's struct bpf_prog_load_opts up to the fields set here: ``sz`` tells libbpf
+    that the later ones are absent (as they are to a program built on an older libbpf)."""
+    _fields_ = [("sz", ct.c_size_t), ("attempts", ct.c_int)] + [
+        (name, ct.c_uint32) for name in ("expected_attach_type", "prog_btf_fd", "prog_flags",
+                                         "prog_ifindex", "kern_version", "attach_btf_id")]
+
+
+_lib = libbpf.Functions({
+    "libbpf_probe_bpf_prog_type": (ct.c_int, [ct.c_int, ct.c_void_p]),
+    "libbpf_probe_bpf_map_type": (ct.c_int, [ct.c_int, ct.c_void_p]),
+    "libbpf_probe_bpf_helper": (ct.c_int, [ct.c_int, ct.c_int, ct.c_void_p]),
+    "bpf_prog_load": (ct.c_int, [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_char_p,
+                                 ct.c_size_t, ct.POINTER(_ProgLoadOpts)]),
+    "bpf_link_create": (ct.c_int, [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]),
+})
 
 
 @dataclass
@@ -72,21 +91,78 @@ def _probe_btf(s: Support) -> Btf | None:
     return btf
 
 
-def _probe_fentry(s: Support) -> None:
-    """fentry is not in probe.bpf.c: BCC attaches it on compile, and a kernel that refuses
-    it (ours: EPERM) would then refuse the whole object."""
+def _strerror(err: int) -> str:
+    return "not supported (ENOTSUPP)" if err == ENOTSUPP else os.strerror(err)
+
+
+def _refusal(answer: int) -> str | None:
+    """Why a libbpf_probe_* answer (1: yes, 0: no, -errno: could not tell) is not yes."""
+    if answer == 1:
+        return None
+    return "not supported by the kernel" if answer == 0 else _strerror(-answer)
+
+
+def _probe_programs(s: Support) -> None:
+    """Program types, their helpers, and ring buffers."""
+    why = _refusal(_lib.libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, None))
+    if why:
+        s.reasons["ringbuf"] = why
+    else:
+        s.present.add("ringbuf")
+    for feature, (prog_type, helper) in _PROGRAM_TYPES.items():
+        if feature in s.reasons:  # no tracefs
+            continue
+        why = _refusal(_lib.libbpf_probe_bpf_prog_type(prog_type, None))
+        if not why and helper:
+            helper_id, helper_name = helper
+            if _refusal(_lib.libbpf_probe_bpf_helper(prog_type, helper_id, None)):
+                why = f"its programs cannot call {helper_name}"
+        if why:
+            s.reasons[feature] = why
+        else:
+            s.present.add(feature)
+
+
+def _fentry_refusal(btf: Btf) -> str | None:
+    """Why the kernel does not load and attach an fentry program (``r0 = 0; exit``) on
+    FENTRY_PROBE (ours: EPERM on loading), or None if it does; nothing stays attached."""
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=BPF_TRACE_FENTRY,
+                         attach_btf_id=btf.function_id(FENTRY_PROBE))
+    prog = _lib.bpf_prog_load(BPF_PROG_TYPE_TRACING, b"bpftune_probe", b"GPL", _RETURN_0,
+                              len(_RETURN_0) // 8, ct.byref(opts))
+    if prog < 0:
+        return f"loading a program for {FENTRY_PROBE}: {_strerror(-prog)}"
     try:
-        with compiler_output_to_log():
-            probe = bcc_module().BPF(text=f"KFUNC_PROBE({FENTRY_PROBE}) {{ return 0; }}".encode())
-        probe.cleanup()
+        # libbpf falls back to BPF_RAW_TRACEPOINT_OPEN on kernels whose BPF_LINK_CREATE
+        # does not take tracing programs yet.
+        link = _lib.bpf_link_create(prog, 0, BPF_TRACE_FENTRY, None)
+        if link < 0:
+            return f"attaching to {FENTRY_PROBE}: {_strerror(-link)}"
+        os.close(link)
+        return None
+    finally:
+        os.close(prog)
+
+
+def _probe_fentry(s: Support) -> None:
+    if s.btf is None:
+        s.reasons["fentry"] = "no BTF to find a function in"
+        return
+    try:
+        refused = _fentry_refusal(s.btf)
+    except BtfError as e:
+        s.reasons["fentry"] = str(e)
+        return
+    if refused:
+        s.reasons["fentry"] = f"refused by the kernel: {refused}"
+    else:
         s.present.add("fentry")
-    except Exception as e:  # BCC says "Need super-user privileges" for any EPERM
-        s.reasons["fentry"] = f"refused by the kernel: {str(e).splitlines()[0]}"
 
 
-def probe(btf: Btf | None = None, programs: Programs | None = None) -> Support:
-    """Probe every feature of the running kernel; a daemon that is starting passes the BTF
-    and the core programs (ring buffer) it already has."""
+def probe(btf: Btf | None = None) -> Support:
+    """Probe every feature of the running kernel with libbpf (nothing compiled; each
+    probe loads a tiny program and unloads it); a daemon that is starting passes the BTF
+    it already has."""
     s = Support()
     if btf is None:
         btf = _probe_btf(s)
@@ -99,34 +175,12 @@ def probe(btf: Btf | None = None, programs: Programs | None = None) -> Support:
         ensure_tracefs()
     except OSError as e:
         s.reasons["tracepoints"] = str(e)
-    if btf is None:
-        return s
-    own_programs = programs is None
-    if own_programs:
-        try:
-            programs = Programs(btf, LearningRate(), lambda _event: None)
-        except BpfError as e:
-            s.reasons["ringbuf"] = str(e)
-            return s
-    s.present.add("ringbuf")
     try:
-        probe_bpf = programs.compile(bpf_dir() / "probe.bpf.c", 0, {})
-    except BpfError as e:
-        s.reasons["tracepoints"] = str(e)
-        return s
-    for feature, (fn, prog_type) in _PROBE_PROGRAMS.items():
-        if feature in s.reasons:
-            continue
-        try:
-            with compiler_output_to_log():
-                probe_bpf.load_func(fn.encode(), prog_type)
-            s.present.add(feature)
-        except Exception as e:
-            s.reasons[feature] = str(e).splitlines()[0]
-    probe_bpf.cleanup()
-    _probe_fentry(s)
-    if own_programs:
-        programs.close()
+        _probe_programs(s)
+        _probe_fentry(s)
+    except libbpf.BpfError as e:  # no libbpf.so.1
+        for feature in FEATURES.keys() - s.present - s.reasons.keys():
+            s.reasons[feature] = str(e)
     return s
 
 

@@ -70,16 +70,18 @@ class TcpBufferTuner(Tuner):
     features = frozenset({"btf", "ringbuf"})
     watches = (
         # tcp_rcvbuf_grow fires only when a receive buffer wants to grow (6.18+);
-        # tcp_rcv_space_adjust on every read of a socket, so it is sampled.
+        # tcp_rcv_space_adjust where the kernel sizes it, on every read; tcp_probe on every
+        # segment received (every kernel has it): the last two are sampled. Not a raw
+        # tracepoint on tcp_rcv_space_adjust: an empty program there cost 1.5% of
+        # stress-ng --sock's operations, on tcp_probe 0.1-0.7% (bench/run hooks).
         Watch("receive buffer growth", (raw_tp("tcp_rcvbuf_grow"),
                                         fentry("tcp_rcv_space_adjust", sampled=True),
-                                        raw_tp("tcp_rcv_space_adjust", sampled=True)),
+                                        raw_tp("tcp_probe", sampled=True)),
               sample="rcv_space_sample"),
-        # tcp_sndbuf_expand fires only when a send buffer grows; sendmsg (6.12+) and
-        # tcp_probe (every incoming segment, so also the ACKs that free send space: every
-        # kernel has it) are sampled.
+        # tcp_sndbuf_expand fires only when a send buffer grows; tcp_probe also sees the
+        # ACKs that free send space (sampled). Not sock_send_length (6.2+): an empty
+        # program on every sendmsg cost 3.4%.
         Watch("send buffer growth", (fentry("tcp_sndbuf_expand"),
-                                     raw_tp("sock_send_length", sampled=True),
                                      raw_tp("tcp_probe", sampled=True)),
               sample="sndbuf_sample"),
         Watch("TCP memory limits", (tp("sock/sock_exceed_buf_limit"),)),
@@ -93,10 +95,13 @@ class TcpBufferTuner(Tuner):
         **PROTO_MEMORY_FIELDS,
         "OFF_SK_RCVBUF": Field("sock.sk_rcvbuf", 4),
         "OFF_SK_SNDBUF": Field("sock.sk_sndbuf", 4),
+        # tcp_probe: whether the socket has data to send, whether the segment has data.
+        "OFF_SK_WMEM_QUEUED": Field("sock.sk_wmem_queued", 4),
+        "OFF_SKB_CB": Field("sk_buff.cb", 48),
+        "OFF_TCP_SKB_CB_SEQ": Field("tcp_skb_cb.seq", 4),
+        "OFF_TCP_SKB_CB_END_SEQ": Field("tcp_skb_cb.end_seq", 4),
         # A 4-bit bitfield before Linux 6.9, a byte since: READ_FIELD reads both.
         "OFF_SK_USERLOCKS": Field("sock.sk_userlocks", 1),
-        "OFF_SK_PROTOCOL": Field("sock.sk_protocol", 2),
-        "OFF_SK_TYPE": Field("sock.sk_type", 2),
         "OFF_SK_MAX_ACK_BACKLOG": Field("sock.sk_max_ack_backlog", 4),
         "OFF_NET_TCP_RMEM": Field("net.ipv4.sysctl_tcp_rmem", 12),
         "OFF_NET_TCP_WMEM": Field("net.ipv4.sysctl_tcp_wmem", 12),
