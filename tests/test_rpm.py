@@ -133,7 +133,7 @@ def test_requires(build):
     def requires(p: str) -> set[str]:
         return {line.split()[0] for line in rpm_query(build.rpms[p], "--requires").splitlines()}
 
-    assert {"python3-bcc", "python3-pyroute2", "python3-jinja2", "bpftool"} <= requires("bpftune")
+    assert {"python3-bcc", "libbpf", "python3-pyroute2", "python3-jinja2"} <= requires("bpftune")
     assert {"bpftune", "pcp", "python3-pcp"} <= requires("bpftune-pcp-pmda")
 
 

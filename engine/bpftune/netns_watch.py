@@ -32,6 +32,7 @@ from bpftune.netns import NETNS_RUN_DIR, Namespaces
 IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
 MOUNT_WAIT_SECONDS = 0.5  # how long a new name may take to become a namespace
+FAST_PROBE_SECONDS = 0.1
 
 
 class NetnsWatch:
@@ -126,16 +127,18 @@ class NetnsWatch:
             self._probe_new_name(os.path.join(NETNS_RUN_DIR, name))
 
     def _probe_new_name(self, path: str) -> None:
-        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
-        delay = 0.001
+        start = time.monotonic()
         while os.path.exists(path):
             if self.namespaces.found_at(path) is not None:
                 self.on_created()
                 return
-            if self.namespaces.known_at(path) or time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if self.namespaces.known_at(path) or waited > MOUNT_WAIT_SECONDS:
                 return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            # The mount follows the name within milliseconds, and "ip netns del" may undo
+            # it as soon: look every millisecond at first (backing off, a 2 ms step missed
+            # one in 8 such namespaces), then less often.
+            time.sleep(0.001 if waited < FAST_PROBE_SECONDS else 0.02)
 
     def _nsids_deleted(self, sock: rtnl.NetlinkSocket) -> None:
         try:
