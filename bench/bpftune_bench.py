@@ -78,11 +78,14 @@ def spread(xs: list[float]) -> float:
 
 
 def iperf(server_ns: str | None, client_ns: str | None, addr: str, seconds: int,
-          port: int = 5410) -> dict:
-    """One iperf3 transfer; returns iperf3's JSON summary."""
+          port: int = 5410, started: list[float] | None = None) -> dict:
+    """One iperf3 transfer; returns iperf3's JSON summary. The client's start time is
+    appended to ``started``."""
     server = subprocess.Popen([*ns_prefix(server_ns), "iperf3", "-s", "-1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
+    if started is not None:
+        started.append(time.monotonic())
     try:
         out = subprocess.run([*ns_prefix(client_ns), "iperf3", "-c", addr, "-p", str(port),
                               "-t", str(seconds), "-J"], capture_output=True, text=True,
@@ -187,10 +190,9 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figu
     ]
 
 
-# tcp_buffer's hooks as chosen on this kernel, and the plan a kernel without fentry and
-# tcp_rcvbuf_grow gets (Debian 12's 6.1 refusing fentry).
-PLANS = {"6.18": ("tcp_rcvbuf_grow, tcp_probe", {}),
-         "6.1": ("tcp_rcv_space_adjust, tcp_probe", {"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow"})}
+# tcp_buffer's hooks as chosen on this kernel, the same on every kernel without fentry
+# (6.1 to 6.18).
+PLANS = {"no-fentry": ("tcp_probe", {})}
 
 
 def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
@@ -221,11 +223,13 @@ def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]
 # tcp_buffer gave up for tcp_probe): what entering an empty program there costs.
 EMPTY_PROGRAMS = {
     "tcp_probe": "RAW_TRACEPOINT_PROBE(tcp_probe) { return 0; }",
-    "tcp_rcv_space_adjust": "RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) { return 0; }",
     "kfree_skb": "RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }",
     "sock_ops": "int empty(struct bpf_sock_ops *ops) { return 1; }",
+    # Not used, shown for what they would cost: per sendmsg, per recvmsg.
     "sock_send_length": "RAW_TRACEPOINT_PROBE(sock_send_length) { return 0; }",
+    "tcp_rcv_space_adjust": "RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) { return 0; }",
 }
+UNUSED_HOOKS = ("sock_send_length", "tcp_rcv_space_adjust")
 
 
 def hooks(tmp: Path, plan: Plan) -> list[Figure]:
@@ -255,7 +259,9 @@ def hooks(tmp: Path, plan: Plan) -> list[Figure]:
         programs.close()
     figures = [ratio_figure(f"hooks.{hook}", f"empty program on {hook}: stress-ng --sock",
                             runs[hook], runs[""], "bogo-ops/s") for hook in EMPTY_PROGRAMS]
-    figures[-1].target = ""  # sock_send_length: not used, shown for what it would cost
+    for figure in figures:
+        if figure.key.removeprefix("hooks.") in UNUSED_HOOKS:
+            figure.target = ""
     return figures
 
 
@@ -299,15 +305,20 @@ def watching(ns: str, name: str) -> Iterator[list[tuple[float, str]]]:
 def benefit(tmp: Path, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     untuned, tuned, best, first, settled = [], [], [], [], []
     with DelayLine(delay_ms=20, rate="50mbit") as dl:
-        run = lambda: mbits(iperf(dl.b, dl.a, dl.addr_b, seconds=8))  # noqa: E731
+        def run(started: list[float] | None = None) -> float:
+            return mbits(iperf(dl.b, dl.a, dl.addr_b, seconds=8, started=started))
+
         for i in range(plan.benefit_rounds):
             set_sysctls(sysctls, SQUEEZED, [dl.a, dl.b])
             untuned.append(run())
             with daemon(tmp / f"benefit{i}"):
                 with watching(dl.b, RMEM) as changes:
-                    start = time.monotonic()
-                    run()  # bpftune reacts and settles during this transfer
+                    client: list[float] = []
+                    run(client)  # bpftune reacts and settles during this transfer
                     time.sleep(1)
+                # From the client's start (its control connection's RTTs included), not
+                # the server's, 0.3 s earlier (before 2026-12-03).
+                start = client[0]
                 first.append(changes[1][0] - start if len(changes) > 1 else float("nan"))
                 settled.append(changes[-1][0] - start if len(changes) > 1 else float("nan"))
                 tuned.append(run())

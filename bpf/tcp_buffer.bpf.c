@@ -102,22 +102,6 @@ static __always_inline void send_buffer_growth(s32 pid, void *sk)
 	check_growth(pid, sk, SOCK_SNDBUF_LOCK, OFF_SK_SNDBUF, TUNABLE_WMEM, OFF_NET_TCP_WMEM);
 }
 
-/* Receive buffer growth: the receiver read more than the buffer space it planned. */
-#ifdef HOOK_RAW_TP_tcp_rcvbuf_grow
-RAW_TRACEPOINT_PROBE(tcp_rcvbuf_grow)	/* (sk, time): only when it wants to grow */
-{
-	receive_buffer_growth(CURRENT_PID, (void *)ctx->args[0]);
-	return 0;
-}
-#endif
-#ifdef HOOK_FENTRY_tcp_rcv_space_adjust
-KFUNC_PROBE(tcp_rcv_space_adjust, void *sk)	/* every read: sampled */
-{
-	if (sampled_in(SAMPLE_RCV_SPACE))
-		receive_buffer_growth(CURRENT_PID, sk);
-	return 0;
-}
-#endif
 /* Send buffer growth. */
 #ifdef HOOK_FENTRY_tcp_sndbuf_expand
 KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf */
@@ -127,7 +111,8 @@ KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf
 }
 #endif
 /* Every segment received, so on a receiver the data and on a sender the ACKs that free send
- * space: a kernel without the hooks above looks at its buffers here, sampled. Only a socket
+ * space: receive buffers, and send buffers where fentry is refused, are looked at here,
+ * sampled. Only a socket
  * receiving data (the segment has some: TCP_SKB_CB's end_seq is past its seq) is a receiver,
  * only one with data queued is a sender: the other buffer of each stays at its default and
  * must not look full. */

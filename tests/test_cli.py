@@ -41,7 +41,7 @@ def test_support_reports_full_support_netns_cookies_and_each_tuners_hooks():
         "net.ipv6.route.max_size (dst_ops.gc returns void since Linux commit af6d10345ca7, "
         "the CVE-2023-52340 fix)",
         "bpftune: sysctl: cgroup/sysctl",
-        "bpftune: tcp_buffer: raw_tp/tcp_rcvbuf_grow, raw_tp/tcp_probe, "
+        "bpftune: tcp_buffer: raw_tp/tcp_probe, "
         "tp/sock/sock_exceed_buf_limit, tp/tcp/tcp_retransmit_synack, "
         "sock_ops/connection_setup",
         "bpftune: tcp_conn: sock_ops/conn_tuner",

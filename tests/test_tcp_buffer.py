@@ -49,11 +49,9 @@ def squeeze_buffers(sysctls, ns: str | None) -> dict[str, list[int]]:
     return before
 
 
-# Hooks as chosen here (6.18 without fentry), and the fallbacks Debian 12's 6.1 kernel gets
-# when it refuses fentry (no tcp_rcvbuf_grow tracepoint there).
-PLANS = {"6.18": ({}, "raw_tp/tcp_rcvbuf_grow, raw_tp/tcp_probe"),
-         "6.1-fallback": ({"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow"},
-                          "raw_tp/tcp_probe")}
+# Hooks as chosen here, and on every kernel that refuses fentry (6.1 to 6.18): tcp_probe
+# for both buffers.
+PLANS = {"without-fentry": ({}, "raw_tp/tcp_probe")}
 
 
 @pytest.mark.parametrize("plan", PLANS)

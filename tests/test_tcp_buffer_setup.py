@@ -114,10 +114,8 @@ def test_a_namespace_with_only_a_control_connection_gets_its_wmem_max_grown(
     assert len(grown) >= NAMESPACES
 
 
-# The hooks chosen here (6.18 without fentry), and the fallbacks of 6.1 without fentry.
-PLANS = {"6.18": ({}, ["sndbuf_sample"]),
-         "6.1-fallback": ({"BPFTUNE_AVOID_HOOKS": "tcp_rcvbuf_grow"},
-                          ["rcv_space_sample", "sndbuf_sample"])}
+# The hooks chosen here and on every kernel that refuses fentry.
+PLANS = {"without-fentry": ({}, ["rcv_space_sample", "sndbuf_sample"])}
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -69,14 +69,14 @@ class TcpBufferTuner(Tuner):
     bpf_source = "tcp_buffer.bpf.c"
     features = frozenset({"btf", "ringbuf"})
     watches = (
-        # tcp_rcvbuf_grow fires only when a receive buffer wants to grow (6.18+);
-        # tcp_rcv_space_adjust where the kernel sizes it, on every read; tcp_probe on every
-        # segment received (every kernel has it): the last two are sampled. Not a raw
-        # tracepoint on tcp_rcv_space_adjust: an empty program there cost 1.5% of
-        # stress-ng --sock's operations, on tcp_probe 0.1-0.7% (bench/run hooks).
-        Watch("receive buffer growth", (raw_tp("tcp_rcvbuf_grow"),
-                                        fentry("tcp_rcv_space_adjust", sampled=True),
-                                        raw_tp("tcp_probe", sampled=True)),
+        # tcp_probe on every segment received (every kernel has it), sampled: a receiver
+        # whose buffer is at tcp_rmem's max is seen within its first segments (0.36 s from
+        # the start of an iperf3 client over a 40 ms path). Not tcp_rcvbuf_grow (6.18+):
+        # it fires when the bytes read per RTT grow, which a buffer held at its max stops,
+        # so it came 1.6-2.8 s late there; not tcp_rcv_space_adjust (every read): an empty
+        # program there cost 1.8% of stress-ng --sock's operations, on tcp_probe 0.5%
+        # (bench/run hooks).
+        Watch("receive buffer growth", (raw_tp("tcp_probe", sampled=True),),
               sample="rcv_space_sample"),
         # tcp_sndbuf_expand fires only when a send buffer grows; tcp_probe also sees the
         # ACKs that free send space (sampled). Not sock_send_length (6.2+): an empty
