@@ -159,22 +159,35 @@ def ratio_figure(key: str, label: str, with_: list[float], without: list[float],
                          f"{spread(without):.0f}%, {len(with_)} rounds")
 
 
+def bpf_run_ns(others: set[int]) -> int:
+    """Time the kernel spent in the BPF programs not in ``others`` (the daemon's), with
+    kernel.bpf_stats_enabled on."""
+    return sum(p.get("run_time_ns", 0) for i, p in bpf_objects()[0].items() if i not in others)
+
+
 # Overhead on the workload, daemon CPU.
 def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     set_sysctls(sysctls, ROOMY, [None, hosts.ns])
     results: dict[str, list[float]] = {k: [] for k in ("iperf0", "iperf1", "sock0", "sock1")}
-    cpu_per_gb = []
+    cpu_per_gb, bpf_per_gb, bpf_share = [], [], []
     changed: set[str] = set()
+    cpus = os.cpu_count() or 1
     for i in range(plan.rounds):
         results["iperf0"].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
         results["sock0"].append(stress_sock(plan.seconds))
+        others = set(bpf_objects()[0])
         with daemon(tmp / f"overhead{i}") as d:
-            before = cpu_seconds(d.proc.pid)
+            sysctls.set("kernel.bpf_stats_enabled", "1")  # run times: only while measured
+            before, ns = cpu_seconds(d.proc.pid), bpf_run_ns(others)
             end = iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)
-            cpu_per_gb.append((cpu_seconds(d.proc.pid) - before)
-                              / (end["sum_received"]["bytes"] / 1e9))
+            gb = end["sum_received"]["bytes"] / 1e9
+            cpu_per_gb.append((cpu_seconds(d.proc.pid) - before) / gb)
+            bpf_per_gb.append((bpf_run_ns(others) - ns) / 1e6 / gb)
             results["iperf1"].append(mbits(end))
+            ns = bpf_run_ns(others)
             results["sock1"].append(stress_sock(plan.seconds))
+            bpf_share.append((bpf_run_ns(others) - ns) / (plan.seconds * cpus * 1e9) * 100)
+            sysctls.set("kernel.bpf_stats_enabled", "0")
             changed.update(SCENARIO.findall(d.log))
     return [
         ratio_figure("overhead.iperf3", "overhead: iperf3 over veth, with / without",
@@ -183,6 +196,13 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figu
                      results["sock1"], results["sock0"], "bogo-ops/s"),
         Figure("overhead.cpu_per_gb", "daemon CPU per GB moved (iperf3)",
                statistics.median(cpu_per_gb) * 1000, "ms"),
+        # What the programs themselves cost, without the VM's throughput noise (entering
+        # a hook is not counted: see the hooks section).
+        Figure("overhead.bpf_per_gb", "BPF programs' run time per GB moved (iperf3)",
+               statistics.median(bpf_per_gb), "ms", detail="kernel.bpf_stats_enabled"),
+        Figure("overhead.bpf_share", "BPF programs' share of CPU, stress-ng --sock",
+               statistics.median(bpf_share), "%", "< 1", 3,
+               detail=f"run time over {plan.seconds} s x {cpus} CPUs"),
         # Tuning is kept out of the way (ROOMY): a change means the figures include it.
         Figure("overhead.tuned", "overhead: the daemon changed a tunable",
                "yes" if changed else "no", target="no",

@@ -123,15 +123,22 @@ RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb) */
 	u32 seq = 0, end_seq = 0;
 	int queued = 0;
 
+	/* One count and one decision per call, in the first sharing watch's slot (the exit
+	 * summary reports it for each): 1 in 16 calls goes on to read anything. */
 #ifdef SAMPLE_RCV_SPACE_BY_RAW_TP_tcp_probe
+	if (!sampled_in(SAMPLE_RCV_SPACE))
+		return 0;
 	READ_AT(seq, skb, OFF_SKB_CB + OFF_TCP_SKB_CB_SEQ);
 	READ_AT(end_seq, skb, OFF_SKB_CB + OFF_TCP_SKB_CB_END_SEQ);
-	if (end_seq != seq && sampled_in(SAMPLE_RCV_SPACE))
+	if (end_seq != seq)
 		receive_buffer_growth(CURRENT_PID, sk);
+#elif defined(SAMPLE_SNDBUF_BY_RAW_TP_tcp_probe)
+	if (!sampled_in(SAMPLE_SNDBUF))
+		return 0;
 #endif
 #ifdef SAMPLE_SNDBUF_BY_RAW_TP_tcp_probe
 	READ_AT(queued, sk, OFF_SK_WMEM_QUEUED);
-	if (queued > 0 && sampled_in(SAMPLE_SNDBUF))
+	if (queued > 0)
 		send_buffer_growth(CURRENT_PID, sk);
 #endif
 	return 0;

@@ -371,12 +371,16 @@ class Tuner:
         called, and that it looked at one call in SAMPLE_EVERY."""
         if self.bpf is None:
             return []
-        sampled = [w.sample for w in self.all_watches()
-                   if (hook := self.hooks.hooks.get(w.what)) is not None and hook.sampled]
-        table = self.bpf["bpftune_samples"] if sampled else None
+        counted_in: dict[str, str] = {}  # sample -> the slot its hook counts in
+        first_of: dict = {}  # hook -> the sample of the first watch using it
+        for w in self.all_watches():
+            if (hook := self.hooks.hooks.get(w.what)) is not None and hook.sampled:
+                # Watches sharing a hook share its program, which counts in the first's slot.
+                counted_in.setdefault(w.sample, first_of.setdefault(hook, w.sample))
+        table = self.bpf["bpftune_samples"] if counted_in else None
         lines = []
-        for name in dict.fromkeys(sampled):
-            calls = sum(table[table.Key(self.sample_names().index(name))])  # over all CPUs
+        for name, slot in counted_in.items():
+            calls = sum(table[table.Key(self.sample_names().index(slot))])  # over all CPUs
             lines.append(f"Sample '{name}': associated program was called {calls} times, "
                          f"collected data every {SAMPLE_EVERY} of these.")
         return lines
