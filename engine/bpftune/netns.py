@@ -169,18 +169,30 @@ class Namespaces:
         inode = (st.st_dev, st.st_ino)
         cookie = None if fresh else self._cookie_by_inode.get(inode)
         if cookie is None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
+            opened = self._opened(path)
+            if opened is None:
                 return None
-            try:
-                cookie = self._cookie_of(fd)
-            except OSError:
-                return None
-            finally:
-                os.close(fd)
-            self._cookie_by_inode[inode] = cookie
+            ref, fd = opened
+            os.close(fd)
+            return ref
         return NetnsRef(cookie, path, inode)
+
+    def _opened(self, path: str) -> tuple[NetnsRef, int] | None:
+        """The namespace at ``path`` and an fd holding it (the caller closes it): while it
+        is open, a namespace deleted at once (ip netns add; ip netns del) still exists."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            cookie = self._cookie_of(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        inode = (st.st_dev, st.st_ino)
+        self._cookie_by_inode[inode] = cookie
+        return NetnsRef(cookie, path, inode), fd
 
     def scan(self) -> list[NetnsRef]:
         """Find every namespace on the system; return the ones not seen before."""
@@ -201,10 +213,23 @@ class Namespaces:
     def _full_scan_allowed(self) -> bool:
         return time.monotonic() - self.last_full_scan >= FULL_SCAN_SECONDS
 
-    def found_at(self, path: str) -> NetnsRef | None:
-        """Register the namespace at ``path`` (e.g. a new name under /run/netns); the ref
-        if it was not known before."""
-        return next(iter(self._scan([path], fresh=True)), None)
+    def found_at(self, path: str) -> bool | None:
+        """Register the namespace at ``path`` (e.g. a new name under /run/netns): True if
+        it was not known before, False if it was, None if ``path`` is no namespace (yet).
+        One open serves the look and the registration, so a namespace deleted meanwhile is
+        still registered, and its destruction reported."""
+        with self._lock:
+            opened = self._opened(path)
+            if opened is None:
+                return None
+            ref, fd = opened
+            try:
+                if ref.cookie in self._by_cookie:
+                    return False
+                self._register(ref, fd)
+                return True
+            finally:
+                os.close(fd)
 
     def ensure(self, cookie: int, pid: int = 0) -> None:
         """Make sure the namespace ``cookie`` is registered (and so forgotten when it is
@@ -220,11 +245,6 @@ class Namespaces:
             if pid > 0 and cookie not in self._by_cookie and self._from_process(cookie, pid):
                 return
             self._valid_ref(cookie)
-
-    def known_at(self, path: str) -> bool:
-        """Whether ``path`` is a namespace already known (under another path, perhaps)."""
-        ref = self._probe(path)
-        return ref is not None and ref.cookie in self._by_cookie
 
     def _scan(self, paths: Iterable[str], *, fresh: bool = False) -> list[NetnsRef]:
         with self._lock:
@@ -252,23 +272,28 @@ class Namespaces:
         be stale for a moment)."""
         return self.is_global(cookie) or cookie in self._tracked
 
-    def _register(self, ref: NetnsRef) -> None:
+    def _register(self, ref: NetnsRef, fd: int | None = None) -> None:
+        """``fd``: the namespace, when the caller holds it open."""
         self._by_cookie[ref.cookie] = ref
         if ref.cookie in self._tracked:
             return
         self._tracked.add(ref.cookie)
         self._new.append(ref)
         self._missing_since.pop(ref.cookie, None)
-        try:
-            fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
+        if fd is None:
+            try:
+                fd = held = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return
+        else:
+            held = None
         try:
             nsid = assign_nsid(self._rtnl, fd)
         except OSError:
             nsid = None
         finally:
-            os.close(fd)
+            if held is not None:
+                os.close(held)
         if nsid is not None:
             self._cookies_by_nsid.setdefault(nsid, set()).add(ref.cookie)
 

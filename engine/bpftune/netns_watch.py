@@ -129,11 +129,11 @@ class NetnsWatch:
     def _probe_new_name(self, path: str) -> None:
         start = time.monotonic()
         while os.path.exists(path):
-            if self.namespaces.found_at(path) is not None:
+            found = self.namespaces.found_at(path)
+            if found:
                 self.on_created()
-                return
             waited = time.monotonic() - start
-            if self.namespaces.known_at(path) or waited > MOUNT_WAIT_SECONDS:
+            if found is not None or waited > MOUNT_WAIT_SECONDS:
                 return
             # The mount follows the name within milliseconds, and "ip netns del" may undo
             # it as soon: look every millisecond at first (backing off, a 2 ms step missed
