@@ -44,11 +44,9 @@ def function(name: str, restype, argtypes: list):
     return fn
 
 
-# enum bpf_map_type values the wrapper must tell apart.
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
-MAP_LRU_HASH, MAP_LRU_PERCPU_HASH, MAP_SK_STORAGE, MAP_RINGBUF = 9, 10, 24, 27
+# enum bpf_map_type values: the ones the daemon creates, and the per-CPU ones.
+MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LRU_PERCPU_HASH, MAP_RINGBUF = 5, 6, 9, 10, 27
 PERCPU_TYPES = {MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH}
-ARRAY_TYPES = {MAP_ARRAY, MAP_PERCPU_ARRAY}
 # enum bpf_attach_type values bpftune attaches to its cgroup.
 BPF_CGROUP_SOCK_OPS, BPF_CGROUP_SYSCTL = 3, 18
 BPF_F_ALLOW_MULTI = 2
@@ -86,7 +84,6 @@ _SIGNATURES = {
     "bpf_map_delete_elem": (_i, [_i, _vp]),
     "bpf_map_get_next_key": (_i, [_i, _vp, _vp]),
     "bpf_obj_get_info_by_fd": (_i, [_i, _vp, ct.POINTER(_u32)]),
-    "bpf_obj_pin": (_i, [_i, ct.c_char_p]),
     "bpf_map_create": (_i, [_i, ct.c_char_p, _u32, _u32, _u32, _vp]),
     "bpf_prog_attach": (_i, [_i, _i, _i, ct.c_uint]),
     "bpf_prog_detach2": (_i, [_i, _i, _i]),
@@ -94,7 +91,6 @@ _SIGNATURES = {
     "bpf_prog_query": (_i, [_i, _i, _u32, ct.POINTER(_u32), ct.POINTER(_u32),
                            ct.POINTER(_u32)]),
     "bpf_prog_get_fd_by_id": (_i, [_u32]),
-    "bpf_map_get_fd_by_id": (_i, [_u32]),
     "libbpf_num_possible_cpus": (_i, []),
     "ring_buffer__new": (_vp, [_i, SAMPLE_FN, _vp, _vp]),
     "ring_buffer__add": (_i, [_vp, _i, SAMPLE_FN, _vp]),
@@ -150,8 +146,6 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int,
                                       max_entries, None), f"create map {name}")
 
 
-def pin(fd: int, path: str) -> None:
-    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
 # --- Map layouts: BCC's JSON type descriptions -> ctypes --------------------------------
@@ -357,8 +351,6 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _check(_lib.bpf_prog_get_fd_by_id(prog_id), f"prog id {prog_id}")
 
 
-def map_fd_by_id(map_id: int) -> int:
-    return _check(_lib.bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
 
 
 def detach_stale(cgroup_fd: int, attach_type: int, names: set[str]) -> list[str]:
