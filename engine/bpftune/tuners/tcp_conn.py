@@ -84,6 +84,9 @@ class TcpConnTuner(Tuner):
         "OFF_RT_GW4": Field("rtable.rt_gw4", 4),
         "OFF_RT6_GATEWAY": Field("rt6_info.rt6i_gateway", 16),
         "OFF_RT6_FLAGS": Field("rt6_info.rt6i_flags", 4),
+        # the socket's algorithm, read directly rather than with bpf_getsockopt
+        "OFF_ICSK_CA_OPS": Field("inet_connection_sock.icsk_ca_ops", 8),
+        "OFF_CA_NAME": Field("tcp_congestion_ops.name", 16),
     }
     payload = LossReport
     payload_struct = "loss_report"
