@@ -83,13 +83,24 @@ link_kernel_headers() {
 
 # Start a PCP service unless `check` already succeeds. pmcd starts the PMDAs with its own
 # PATH: give it one where python3 is the system Python (the one with the pcp module).
+# Services outlive this script: they must not inherit its descriptors. A lock file a caller
+# holds around a test or bench run (`flock LOCK bench/run`) stayed held by pmproxy for good.
+close_inherited_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+    done
+}
+
 start_service() {
     local name=$1 check=$2
     eval "$check" >/dev/null 2>&1 && return 0
     if [ -d /run/systemd/system ]; then
         systemctl start "$name"
     else
-        env PATH=/usr/sbin:/usr/bin:/sbin:/bin "/etc/init.d/$name" start >/dev/null
+        (close_inherited_fds
+         env PATH=/usr/sbin:/usr/bin:/sbin:/bin "/etc/init.d/$name" start >/dev/null)
     fi
     for _ in $(seq 30); do
         eval "$check" >/dev/null 2>&1 && return 0
