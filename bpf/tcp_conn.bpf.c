@@ -21,7 +21,9 @@
  * Callback flags are shared by every sockops program on a socket: only our bits change.
  *
  * Compiled with N_ALGS (algorithms, named in the `algorithms` map by userspace), ALG_BBR
- * (the index of bbr, or -1) and the tunable ids.
+ * (the index of bbr, or -1) and the tunable ids; with ADVISE (bpftune --advise) it changes
+ * no socket: it learns from the connections as they are and reports the loss switches it
+ * would make, for userspace to recommend.
  */
 #include "bpftune.bpf.h"
 
@@ -43,6 +45,11 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define RTF_GATEWAY 0x0002
+#ifdef ADVISE
+#define ADVISING 1
+#else
+#define ADVISING 0
+#endif
 
 struct host_key {
 	u64 netns_cookie;
@@ -185,7 +192,7 @@ static __always_inline int set_algorithm(struct bpf_sock_ops *ops, struct bpf_so
 	u64 *chosen;
 	int err = 0;
 
-	if (!name)
+	if (!name || ADVISING)
 		return -1;
 	if (current_algorithm(bsk) != alg)
 		err = bpf_setsockopt(ops, SOL_TCP, TCP_CONGESTION, name->name, CA_NAME_LEN);
@@ -279,13 +286,13 @@ static __always_inline void retransmitted(struct bpf_sock_ops *ops, struct bpf_s
 	if (host_of(ops, kernel_sock(bsk), &key))
 		host = hosts.lookup(&key);
 	/* thin timeouts for a connection the learner did not choose for, as upstream */
-	if (!known(host) && tunable_value(TUNABLE_THIN_LINEAR_TIMEOUTS, 0) == 0 &&
+	if (!ADVISING && !known(host) && tunable_value(TUNABLE_THIN_LINEAR_TIMEOUTS, 0) == 0 &&
 	    bpf_setsockopt(ops, SOL_TCP, TCP_THIN_LINEAR_TIMEOUTS, &thin, sizeof(thin)) == 0) {
 		thinned = thin_timeouts.lookup(&zero);
 		if (thinned)
 			__sync_fetch_and_add(thinned, 1);
 	}
-	if (set_algorithm(ops, bsk, ALG_BBR) != 0 || !host)
+	if ((set_algorithm(ops, bsk, ALG_BBR) != 0 && !ADVISING) || !host)
 		return;
 	__sync_fetch_and_add(&host->bbr_switches, 1);
 	report_loss(ops, &key, host);

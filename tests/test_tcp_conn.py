@@ -292,7 +292,7 @@ def conn_tuner():
 
     lines: list[str] = []
     changes = SimpleNamespace(report=lambda tuner, tunable, scenario, cookie, reason:
-                              lines.append(reason))
+                              lines.append(reason), advice=None)
     tuner = TcpConnTuner(SimpleNamespace(namespaces=FakeNamespaces(), changes=changes), 0)
     now = [1000.0]
     tuner.clock = lambda: now[0]

@@ -39,6 +39,10 @@ class Access:
         """Commands that set ``value`` on another system, for the exit summary."""
         return []
 
+    def commands(self, name: str, value: Value) -> list[str]:
+        """Commands that set ``value`` here (advice mode), as bpftune would set it."""
+        return self.replicate(name, value)
+
 
 @dataclass(frozen=True)
 class Sysctl(Access):
@@ -112,6 +116,13 @@ class NeighTable(Access):
 
     def replicate(self, name: str, value: Value) -> list[str]:
         return SysctlGroup(self.names(name)).replicate(name, value)
+
+    def commands(self, name: str, value: Value) -> list[str]:
+        """The netlink change bpftune makes (the table's own thresholds), as iproute2
+        writes it."""
+        table = neigh.TABLES[self.family]
+        thresholds = " ".join(f"thresh{i} {v}" for i, v in enumerate(value, start=1))
+        return [f"ip ntable change name {table} {thresholds}"]
 
 
 SYSCTL = Sysctl()

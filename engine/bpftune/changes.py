@@ -18,10 +18,11 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from bpftune.access import from_spec
+from bpftune.advice import Advice, Recommendation
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
 from bpftune.sysctl import SysctlError, Value, format_value
@@ -120,24 +121,30 @@ class Leftover:
 
 @dataclass
 class Leftovers:
-    """What a state file says an earlier run left: its pid, and its records."""
+    """What a state file says an earlier run left: its pid, its records, and (a daemon in
+    advice mode) its mode and recommendations."""
 
     pid: int | None
     boot_id: str | None
     records: list[Record]
+    mode: str = "tune"
+    advice: list[dict] = field(default_factory=list)
 
 
 class StateFile:
     """The ledger on disk: a journal of JSON lines, each appended and fsynced before the
-    sysctl write it announces. Line 1 names the daemon (pid, boot id); every later line is
-    a record as it now is, or a record forgotten. Replaying it gives the ledger; a torn last
-    line (a crash while appending) is ignored. The journal is rewritten with only the live
-    records at start and whenever it grows past ``COMPACT_LINES`` plus twice their number,
-    so its size follows the ledger, not the history."""
+    sysctl write it announces. Line 1 names the daemon (pid, boot id, and "mode": "advise"
+    for a daemon in advice mode); every later line is a record as it now is, a record
+    forgotten, or a recommendation (advice mode: never a change, never rolled back).
+    Replaying it gives the ledger; a torn last line (a crash while appending) is ignored.
+    The journal is rewritten with only the live records at start and whenever it grows
+    past ``COMPACT_LINES`` plus twice their number, so its size follows the ledger, not the
+    history."""
 
     COMPACT_LINES = 256
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, mode: str = "tune") -> None:
+        self.mode = mode
         self.path = os.path.join(directory, "state.jsonl")
         self.legacy_path = os.path.join(directory, "state.json")
         os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -154,6 +161,7 @@ class StateFile:
             return Leftovers(None, None, [])
         header: dict = {}
         records: dict[tuple[str, int], Record] = {}
+        advice: dict[str, dict] = {}
         for n, line in enumerate(text.splitlines()):
             try:
                 entry = json.loads(line)
@@ -161,12 +169,15 @@ class StateFile:
                     header = entry
                 elif "forget" in entry:
                     records.pop(tuple(entry["forget"]), None)
+                elif "advice" in entry:
+                    advice[entry["advice"]["id"]] = entry["advice"]
                 else:
                     r = Record(**entry["record"])
                     records[r.key] = r
             except (ValueError, TypeError, KeyError):
                 log.err(f"ignoring unreadable line {n + 1} of '{self.path}'")
-        return Leftovers(header.get("pid"), header.get("boot_id"), list(records.values()))
+        return Leftovers(header.get("pid"), header.get("boot_id"), list(records.values()),
+                         header.get("mode", "tune"), list(advice.values()))
 
     def _load_legacy(self) -> Leftovers:
         """The single JSON document versions before the journal wrote (``state.json``),
@@ -182,9 +193,13 @@ class StateFile:
             return Leftovers(None, None, [])
         return Leftovers(state.get("pid"), state.get("boot_id"), records)
 
-    def rewrite(self, records: Iterable[Record]) -> None:
-        lines = [json.dumps({"pid": os.getpid(), "boot_id": boot_id()})]
+    def rewrite(self, records: Iterable[Record], advice: Iterable[dict] = ()) -> None:
+        header = {"pid": os.getpid(), "boot_id": boot_id()}
+        if self.mode != "tune":
+            header["mode"] = self.mode
+        lines = [json.dumps(header)]
         lines += [json.dumps({"record": asdict(r)}) for r in records]
+        lines += [json.dumps({"advice": a}) for a in advice]
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -195,11 +210,14 @@ class StateFile:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.legacy_path)  # its records are in the journal now
 
-    def append(self, entry: dict, live: dict[tuple[str, int], Record]) -> None:
-        """Add ``entry``; ``live`` is the whole ledger with the entry applied, which is
-        what a compaction (or a journal not started yet) writes instead."""
-        if not self.lines or self.lines > self.COMPACT_LINES + 2 * len(live):
-            self.rewrite(live.values())
+    def append(self, entry: dict, live: dict[tuple[str, int], Record],
+               advice: list[dict] | None = None) -> None:
+        """Add ``entry``; ``live`` is the whole ledger (and ``advice`` the recommendations)
+        with the entry applied, which is what a compaction (or a journal not started yet)
+        writes instead."""
+        advice = advice or []
+        if not self.lines or self.lines > self.COMPACT_LINES + 2 * (len(live) + len(advice)):
+            self.rewrite(live.values(), advice)
             return
         try:
             with open(self.path, "a") as f:
@@ -213,9 +231,12 @@ class StateFile:
 
 
 class Changes:
-    def __init__(self, namespaces: Namespaces, state: StateFile) -> None:
+    def __init__(self, namespaces: Namespaces, state: StateFile, *,
+                 advise: bool = False) -> None:
         self.namespaces = namespaces
         self.state = state
+        #: Advice mode: proposals become recommendations and nothing is written.
+        self.advice: Advice | None = Advice() if advise else None
         self.records: dict[tuple[str, int], Record] = {}
         self.scenario_counts: Counter[tuple[str, str, int, int]] = Counter()
         #: Scenario counts of namespaces that are gone, folded per (tuner, tunable, scenario).
@@ -287,6 +308,9 @@ class Changes:
                 return False
         if new == old:
             return False
+        if self.advice is not None:
+            self.advise(tuner, tunable, scenario, where, old, new, reason)
+            return False
         record = self._announce(tuner, tunable, where, old, new)
         if record is None:
             return False
@@ -332,9 +356,12 @@ class Changes:
                        f"ceiling ({format_value(ceiling)}): writing at most the ceiling")
         return capped
 
+    def _advice_entries(self) -> list[dict]:
+        return [] if self.advice is None else [r.as_dict() for r in self.advice.ordered()]
+
     def _journal(self, record: Record) -> bool:
         try:
-            self.state.append({"record": asdict(record)}, self.records)
+            self.state.append({"record": asdict(record)}, self.records, self._advice_entries())
         except OSError as e:
             log.err(f"cannot save '{self.state.path}': {e}")
             return False
@@ -372,6 +399,44 @@ class Changes:
             return None
         return record
 
+    # Advice mode.
+    def advise(self, tuner: Tuner, tunable: Tunable, scenario: int, cookie: int, current: Value,
+               proposed: Value, reason: str, commands: list[str] | None = None,
+               subject: str = "") -> Recommendation | None:
+        """Record what a change would be (advice mode); ``commands`` apply it, by default
+        the tunable's own (``Access.commands``) in that namespace; ``subject`` is what a
+        per-socket tunable is advised for. A new recommendation is logged as a change is;
+        one that only repeats is not, and counts no scenario."""
+        if self.advice is None:
+            return None
+        where = self.ledger_cookie(tunable, cookie)
+        if commands is None:
+            commands = self.commands(tunable, where, proposed)
+        rec, new, changed = self.advice.propose(
+            tuner=tuner.name, tunable=tunable.name, netns=self.namespaces.name(where),
+            cookie=where, scenario=tuner.scenarios[scenario].name,
+            reason=reason.format(old=format_value(current), new=format_value(proposed)),
+            current=current, proposed=proposed, commands=commands, subject=subject)
+        if changed:
+            self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
+            with contextlib.suppress(OSError):
+                self.state.append({"advice": rec.as_dict()}, self.records,
+                                  self._advice_entries())
+        if new:
+            self._log_change(tuner, tunable, scenario, where)
+            log.notice(f"advice {rec.id}: {rec.reason}; to apply: {' ; '.join(commands)}")
+        return rec
+
+    def commands(self, tunable: Tunable, cookie: int, value: Value) -> list[str]:
+        """Shell commands that set ``value`` in the namespace ``cookie``."""
+        return self.in_netns(cookie, tunable.access.commands(tunable.name, value))
+
+    def in_netns(self, cookie: int, commands: list[str]) -> list[str]:
+        """``commands`` as run from the global namespace in the namespace ``cookie``."""
+        if self.namespaces.is_global(cookie):
+            return commands
+        return [f"{self.namespaces.command_prefix(cookie)} {c}" for c in commands]
+
     def _log_change(self, tuner: Tuner, tunable: Tunable, scenario: int, where: int) -> None:
         s = tuner.scenarios[scenario]
         ns = "" if where == GLOBAL else "non-"
@@ -394,12 +459,14 @@ class Changes:
     def forget_netns(self, cookie: int) -> None:
         """A namespace is gone: drop its records and its administrator hand-overs; its
         scenario counts live on, folded, in ``departed_counts``."""
+        if self.advice is not None:
+            self.advice.forget_netns(cookie)
         for key in [k for k in self.records if k[1] == cookie]:
             del self.records[key]
             self.leftovers.pop(key, None)
             self.run_start.pop(key, None)
             with contextlib.suppress(OSError):
-                self.state.append({"forget": list(key)}, self.records)
+                self.state.append({"forget": list(key)}, self.records, self._advice_entries())
         for key in [k for k in self.scenario_counts if k[3] == cookie]:
             self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
         self.manual = {m: t for m, t in self.manual.items() if m[1] != cookie}
@@ -478,7 +545,7 @@ class Changes:
 
     def _rewrite(self) -> None:
         try:
-            self.state.rewrite(self.records.values())
+            self.state.rewrite(self.records.values(), self._advice_entries())
         except OSError as e:
             log.err(f"cannot save '{self.state.path}': {e}")
 
@@ -506,6 +573,8 @@ class Changes:
         without -R), so -R can roll them back, but only those whose live value is still
         what bpftune set: anything else was changed by an administrator since."""
         left = self.state.load()
+        if self.advice is not None and left.mode == "advise" and left.boot_id == boot_id():
+            self.advice = Advice(left.advice)  # logged already: not logged again
         if left.records and left.boot_id != boot_id():
             log.notice("ignoring changes recorded before the last reboot")
         elif left.records:

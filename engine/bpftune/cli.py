@@ -26,6 +26,7 @@ USAGE = """Usage: bpftune [OPTIONS]
 		--stderr,          -s	log to stderr instead of syslog
 		--support,         -S	print which features this system supports and exit
 		--btf FILE	with -S: report for the kernel whose BTF (vmlinux or raw) this is
+		--advise	advice mode: change nothing; recommend (see "-q advice")
 		--version,         -V	show version and exit
 """
 
@@ -67,12 +68,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-S", "--support", action="store_true")
     p.add_argument("-V", "--version", action="store_true")
     p.add_argument("--btf")
+    p.add_argument("--advise", action="store_true")
     args, extra = p.parse_known_args(argv)
     if extra:
         raise UsageError(f"unrecognized option '{extra[0]}'")
     args.learning_rate = _learning_rate(args.learning_rate)
     if args.btf is not None and not args.support:
         raise UsageError("--btf is only valid with -S")
+    if args.advise and (args.support or args.query is not None):
+        raise UsageError("--advise is an option of the daemon, not of -S or -q")
     return args
 
 
@@ -116,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         _daemonize()
     engine = Engine(Options(learning_rate=args.learning_rate, rollback=args.rollback,
                             cgroup=args.cgroup, allow=args.allow, plugin_dir=args.libdir,
-                            port=args.port))
+                            port=args.port, advise=args.advise))
     try:
         engine.start()
         engine.run()

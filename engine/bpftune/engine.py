@@ -52,6 +52,8 @@ class Options:
     port: int = 0
     plugin_dir: str = plugins.DEFAULT_PLUGIN_DIR
     state_dir: str = STATE_DIR
+    #: Advice mode: tuners propose, nothing is written (bpftune.advice).
+    advise: bool = False
 
 
 class Engine:
@@ -84,7 +86,9 @@ class Engine:
         os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
         self._lock_single_instance()
         self.namespaces = Namespaces()
-        self.changes = Changes(self.namespaces, StateFile(self.options.state_dir))
+        mode = "advise" if self.options.advise else "tune"
+        self.changes = Changes(self.namespaces, StateFile(self.options.state_dir, mode),
+                               advise=self.options.advise)
         self.changes.adopt_leftovers()
         try:
             ensure_tracefs()
@@ -118,6 +122,9 @@ class Engine:
             raise StartError(f"cannot start the query server: {e}") from None
         names = ", ".join(t.name for t in self.active_tuners())
         log.notice(f"bpftune v{__version__} started; active tuners: {names}")
+        if self.options.advise:
+            log.notice("advice mode: no tunable will be changed; each change a tuner would "
+                       "make is a recommendation ('bpftune -q advice')")
 
     def _log_support(self) -> None:
         """Upstream's support lines ("bpftune works fully", per-netns policy) and each

@@ -26,7 +26,8 @@ def tunable_metrics(tuner: str, sysctl: str) -> dict[str, str]:
 
 def subtrees(tuners: Iterable[str]) -> list[str]:
     """Every part of the PMNS bpftune's PMDA serves, for pmlogger configurations."""
-    return [f"{PREFIX}.daemon", f"{PREFIX}.tuner", *(f"{PREFIX}.{t}" for t in tuners)]
+    return [f"{PREFIX}.daemon", f"{PREFIX}.tuner", f"{PREFIX}.advice",
+            *(f"{PREFIX}.{t}" for t in tuners)]
 
 
 def published_metric(tuner: str, name: str) -> str:
@@ -40,7 +41,9 @@ def scenario_metric(tuner: str, scenario: str) -> str:
 # Metrics of the PMDA's fixed part (pmda/pmdabpftune.python registers them).
 DAEMON = {name: f"{PREFIX}.daemon.{name}" for name in (
     "up", "version", "pid", "uptime", "learning_rate", "rollback", "events.received",
-    "events.dropped", "bpf.programs", "cpu", "rss")}
+    "events.dropped", "bpf.programs", "cpu", "rss", "advise")}
 TUNER = {name: f"{PREFIX}.tuner.{name}" for name in (
     "state", "state_code", "strategy", "changes", "scenarios", "manual_netns",
-    "strategy_evaluation")}
+    "strategy_evaluation", "advice")}
+ADVICE = {name: f"{PREFIX}.advice.{name}" for name in (
+    "proposed", "current", "proposals", "last", "command")}

@@ -103,6 +103,7 @@ def render_pcp(out: Path, interval: str = "10 sec") -> list[Path]:
         "pmlogconf/bpftune/summary": "pmlogconf.j2",
         "pmlogger/bpftune.config": "bpftune.config.j2",
         "pmieconf/bpftune/tuner_disabled": "pmieconf-tuner-disabled.j2",
+        "pmieconf/bpftune/advice": "pmieconf-advice.j2",
     }
     for path, template in files.items():
         _write(out / path, env.get_template(template).render(**context))

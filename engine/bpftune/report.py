@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from bpftune import __version__
 from bpftune.access import from_spec
+from bpftune.advice import Recommendation
 from bpftune.changes import GLOBAL, Changes, Record
 from bpftune.log import log
 from bpftune.metrics import published_metric, scenario_metric, tunable_metrics
@@ -80,12 +81,15 @@ class Snapshot:
     bpf_programs: int
     tables: dict[str, int]  # entries kept per namespace (Engine.table_sizes)
     unloaded: dict[str, str]  # tuners that did not load -> why
+    #: Advice mode: the recommendations (copies); None when the daemon tunes.
+    advice: tuple[Recommendation, ...] | None = None
 
     @property
     def generation(self) -> tuple[int, ...]:
         """Changes whenever the ledger does."""
         return (len(self.records), sum(r.changes for r in self.records.values()),
-                sum(self.scenario_counts.values()), len(self.manual))
+                sum(self.scenario_counts.values()), len(self.manual),
+                sum(r.proposals for r in self.advice or ()))
 
 
 def _published_values(tuner) -> dict:
@@ -144,7 +148,9 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             events_received=programs.events_received if programs else 0,
             events_dropped=programs.events_dropped if programs else 0,
             bpf_programs=sum(len(t.bpf.programs) for t in engine.tuners if t.bpf is not None),
-            tables=engine.table_sizes(), unloaded=dict(engine.unloaded))
+            tables=engine.table_sizes(), unloaded=dict(engine.unloaded),
+            advice=None if changes.advice is None else tuple(
+                copy.deepcopy(r) for r in changes.advice.ordered()))
 
 
 def _quoted(value: Value) -> str:
@@ -267,6 +273,7 @@ def _tuner_state(snap: Snapshot, tuner: TunerView, live: dict[int, dict[str, Val
         "cluster": tuner.cluster,
         "state": tuner.state,
         "manual_netns": sorted(c for (name, c) in snap.manual if name == tuner.name),
+        "advice": sum(r.tuner == tuner.name for r in snap.advice or ()),
         "strategy": tuner.strategy,
         "strategies": [{"name": s.name, "description": s.description, "timeout": s.timeout,
                         "evaluation": tuner.strategy_evaluations.get(s.name)}
@@ -333,12 +340,43 @@ def state(snap: Snapshot) -> str:
         "tables": snap.tables,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "rss_bytes": _rss_bytes(),
+        "mode": "tune" if snap.advice is None else "advise",
     }
     netns = {str(c): {"name": snap.netns_names[c], "global": c == GLOBAL} for c in snap.cookies}
     live = _live_values.get(snap)
     return json.dumps({"version": STATE_VERSION, "daemon": daemon, "netns": netns,
                        "unloaded": snap.unloaded,
-                       "tuners": [_tuner_state(snap, t, live) for t in snap.tuners]})
+                       "tuners": [_tuner_state(snap, t, live) for t in snap.tuners],
+                       "advice": [r.as_dict() for r in snap.advice or ()]})
+
+
+NOT_ADVISING = "error: bpftune is not in advice mode (start it with --advise)"
+
+
+def advice(snap: Snapshot) -> str:
+    """The recommendations, each with its reason and the commands that apply it."""
+    if snap.advice is None:
+        return NOT_ADVISING
+    if not snap.advice:
+        return "# no recommendations yet"
+    lines = [f"# {len(snap.advice)} recommendations; bpftune changed nothing"]
+    for r in snap.advice:
+        current, proposed = r.text_values
+        where = "" if r.netns == "global" else f" in netns '{r.netns}'"
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last))
+        subject = f" for {r.subject}" if r.subject else ""
+        lines += [f"[{r.id}] {r.tuner}: {r.tunable}{subject}{where}: ({current}) -> "
+                  f"({proposed})",
+                  f"    scenario '{r.scenario}', proposed {r.proposals} times, last {last}",
+                  f"    {r.reason}",
+                  *(f"    apply: {c}" for c in r.commands)]
+    return "\n".join(lines)
+
+
+def jadvice(snap: Snapshot) -> str:
+    if snap.advice is None:
+        return NOT_ADVISING
+    return json.dumps({"advice": [r.as_dict() for r in snap.advice]}, indent=1)
 
 
 QUERIES = (
@@ -351,4 +389,6 @@ QUERIES = (
     Query("jstatus", "show status of tunables(json)", jstatus),
     Query("rollback", "show changes needed to roll back", rollback),
     Query("state", "complete state for machines(json)", state),
+    Query("jadvice", "show recommendations(json)", jadvice),
+    Query("advice", "show recommendations (advice mode)", advice),
 )

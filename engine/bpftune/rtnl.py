@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import socket
 import sys
 import threading
 import types
@@ -34,7 +35,8 @@ from importlib.machinery import ModuleSpec
 #: The pyroute2 modules imported below, imported first with the bare package.
 PARTS = ("pyroute2.netlink", "pyroute2.netlink.exceptions", "pyroute2.netlink.nlsocket",
          "pyroute2.netlink.rtnl", "pyroute2.netlink.rtnl.ifaddrmsg",
-         "pyroute2.netlink.rtnl.ndtmsg", "pyroute2.netlink.rtnl.nsidmsg", "pyroute2.netns")
+         "pyroute2.netlink.rtnl.ndtmsg", "pyroute2.netlink.rtnl.nsidmsg",
+         "pyroute2.netlink.rtnl.rtmsg", "pyroute2.netns")
 #: The dunder names the package's ``__init__`` defines (others, such as ``__wrapped__``
 #: probes, must not run it).
 _INIT_DUNDERS = ("__all__", "__version__")
@@ -103,25 +105,29 @@ from pyroute2.netlink.rtnl import (  # noqa: E402
     RTM_GETADDR,
     RTM_GETNEIGHTBL,
     RTM_GETNSID,
+    RTM_GETROUTE,
     RTM_NEWADDR,
     RTM_NEWNEIGHTBL,
     RTM_NEWNSID,
+    RTM_NEWROUTE,
     RTM_SETNEIGHTBL,
     RTNLGRP_NSID,
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: E402
 from pyroute2.netlink.rtnl.ndtmsg import ndtmsg  # noqa: E402
 from pyroute2.netlink.rtnl.nsidmsg import nsidmsg  # noqa: E402
+from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 from pyroute2.netns import listnetns, setns  # noqa: E402
 
 __all__ = ["NLM_F_ACK", "NLM_F_DUMP", "NLM_F_REQUEST", "RTM_DELNSID", "RTM_GETADDR",
            "RTM_GETNEIGHTBL", "RTM_GETNSID", "RTM_NEWNEIGHTBL", "RTM_NEWNSID", "RTM_SETNEIGHTBL",
            "RTNLGRP_NSID", "NetlinkError", "NetlinkSocket", "ifaddrmsg", "listnetns", "ndtmsg",
-           "nla", "nsidmsg", "open_socket", "replies", "request", "setns"]
+           "nla", "nsidmsg", "open_socket", "replies", "request", "route_to", "setns"]
 
 #: How replies and events are decoded: the message classes of the types bpftune receives.
 POLICY: dict[int, type[nlmsg]] = {RTM_NEWADDR: ifaddrmsg, RTM_NEWNEIGHTBL: ndtmsg,
-                                  RTM_NEWNSID: nsidmsg, RTM_DELNSID: nsidmsg}
+                                  RTM_NEWNSID: nsidmsg, RTM_DELNSID: nsidmsg,
+                                  RTM_NEWROUTE: rtmsg}
 
 
 def open_socket(policy: dict[int, type[nlmsg]] | None = None) -> NetlinkSocket:
@@ -143,3 +149,14 @@ def replies(sock: NetlinkSocket, msg: nlmsg, msg_type: int,
     """Send ``msg`` on ``sock``; the replies (pyroute2 0.9 yields them, 0.7 returns them)."""
     result: Iterable[nlmsg] = sock.nlm_request(msg, msg_type, flags)
     return list(result)
+
+
+def route_to(address: str, family: int) -> tuple[str | None, int | None]:
+    """The gateway (None on-link) and output interface index of the route this namespace
+    takes to ``address``."""
+    msg = rtmsg()
+    msg["family"] = family
+    msg["dst_len"] = 32 if family == socket.AF_INET else 128
+    msg["attrs"] = [("RTA_DST", address)]
+    route = request(msg, RTM_GETROUTE)[0]
+    return route.get_attr("RTA_GATEWAY"), route.get_attr("RTA_OIF")

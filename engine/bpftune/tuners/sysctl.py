@@ -83,6 +83,10 @@ class SysctlTuner(Tuner):
                 continue
             if self.engine.changes.is_manual(tuner, cookie):
                 continue
+            if self.engine.changes.advice is not None:  # nothing of bpftune's to protect
+                log.limited("sysctl hand-over", f"{who} modified sysctl '{name}' that tuner "
+                            f"'{tuner.name}' uses; advice mode: it goes on advising")
+                continue
             message = (f"{who} modified sysctl '{name}' that tuner '{tuner.name}' uses; "
                        f"disabling '{tuner.name}' for namespace cookie {cookie}")
             if self.engine.namespaces.is_global(cookie):

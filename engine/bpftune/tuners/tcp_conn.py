@@ -19,12 +19,13 @@ import contextlib
 import ctypes as ct
 import ipaddress
 import shutil
+import socket
 import subprocess
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
-from bpftune import sysctl
+from bpftune import rtnl, sysctl
 from bpftune.btf import Field
 from bpftune.events import Event
 from bpftune.hooks import Watch, sock_ops
@@ -59,10 +60,11 @@ def address_of(words) -> str:
     return str(address.ipv4_mapped or address)
 
 
-def available_algorithms() -> list[str]:
+def available_algorithms(load_modules: bool = True) -> list[str]:
     """Upstream loads the modules of its algorithms; we load those the kernel has as
-    modules (errors ignored, as upstream) and take what it then offers."""
-    modprobe = shutil.which("modprobe")
+    modules (errors ignored, as upstream) and take what it then offers. Advice mode loads
+    none: it changes nothing, kernel modules included."""
+    modprobe = shutil.which("modprobe") if load_modules else None
     if modprobe:
         for module in MODULES:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -135,11 +137,12 @@ class TcpConnTuner(Tuner):
 
     @cached_property
     def algorithms(self) -> list[str]:
-        return available_algorithms()
+        return available_algorithms(load_modules=not self.engine.options.advise)
 
     def compile_defines(self) -> list[str]:
         bbr = self.algorithms.index("bbr") if "bbr" in self.algorithms else -1
-        return [f"-DN_ALGS={len(self.algorithms)}", f"-DALG_BBR={bbr}"]
+        advise = ["-DADVISE"] if self.engine.options.advise else []
+        return [f"-DN_ALGS={len(self.algorithms)}", f"-DALG_BBR={bbr}", *advise]
 
     def init(self) -> None:
         table = self.bpf["algorithms"]
@@ -175,6 +178,9 @@ class TcpConnTuner(Tuner):
     def handle(self, event: Event) -> None:
         report = event.payload(LossReport)
         address = address_of(report.addr)
+        if self.engine.changes.advice is not None:
+            self._advise_bbr(event.netns_cookie, address, report.family)
+            return
         key = (event.netns_cookie, address)
         now = self.clock()
         last, switches_then = self.logged.get(key, (-LOSS_LOG_SECONDS, 0))
@@ -192,6 +198,26 @@ class TcpConnTuner(Tuner):
         self.report(self.PER_SOCKET, self.BBR_ON_LOSS, event.netns_cookie,
                     f"due to loss events for {address}{where}, specify 'bbr' congestion "
                     f"control algorithm{more}")
+
+    def _advise_bbr(self, cookie: int, address: str, family: int) -> None:
+        """Advice mode: what a user would set for a lossy host, BBR on the route to it
+        (``congctl``: each new connection over that route gets it)."""
+        try:
+            with self.entered(cookie):
+                gateway, oif = rtnl.route_to(address, family)
+                device = socket.if_indextoname(oif) if oif else None
+            default = self.engine.changes.read(self.DEFAULT, cookie)
+        except (OSError, rtnl.NetlinkError, IndexError, sysctl.SysctlError) as e:
+            log.debug(f"{self.name}: no route to advise BBR for {address}: {e}")
+            return
+        host = f"{address}/{32 if family == socket.AF_INET else 128}"
+        route = (f"ip route replace {host}" + (f" via {gateway}" if gateway else "")
+                 + (f" dev {device}" if device else "") + " congctl bbr")
+        self.engine.changes.advise(
+            self, self.PER_SOCKET, self.scenario_id(self.BBR_ON_LOSS), cookie, default, "bbr",
+            f"Due to loss events for {address}, use bbr congestion control on the route to "
+            f"it instead of ({{old}})", commands=self.engine.changes.in_netns(cookie, [route]),
+            subject=address)
 
     def netns_destroyed(self, cookie: int) -> None:
         self.logged = {k: v for k, v in self.logged.items() if k[0] != cookie}
