@@ -124,3 +124,11 @@ def compiler_libraries(pid: int) -> list[str]:
     return sorted({Path(line.split()[-1]).name for line in
                    Path(f"/proc/{pid}/maps").read_text().splitlines()
                    if COMPILER_LIBRARIES.search(line)})
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time every CPU spent working (user, nice, system, irq, softirq; not idle, iowait
+    or steal) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
