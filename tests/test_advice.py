@@ -14,7 +14,7 @@ from test_pmlogger import pmie_config
 from test_tcp_conn import DEFAULT, Sink, cubic_ns, in_netns, lossy, send  # noqa: F401 (fixtures)
 
 from bpftune import neigh
-from bpftune.access import NeighTable
+from bpftune.access import NeighTable, SysctlGroup
 from bpftune.advice import Advice, advice_id
 from bpftune.changes import StateFile
 from bpftune.render import render_pcp
@@ -150,7 +150,7 @@ def test_the_neighbour_table_advice_is_an_ip_ntable_command_that_applies(sysctls
         sysctls.remember(name)
     before = neigh.table_state(socket.AF_INET).thresholds
     proposed = tuple(v + 8 for v in before)
-    (command,) = NeighTable(socket.AF_INET).commands(names[0], proposed)
+    (command,) = NeighTable(socket.AF_INET).commands(names[0], proposed, before)
     assert command == ("ip ntable change name arp_cache thresh1 {} thresh2 {} thresh3 {}"
                        .format(*proposed))
     run_shell(command)
@@ -201,3 +201,20 @@ def test_the_state_file_of_an_advising_daemon_keeps_its_mode_and_recommendations
     StateFile(str(tmp_path)).rewrite([])  # a daemon that tunes: no mode, no advice
     assert (StateFile(str(tmp_path)).load().mode, StateFile(str(tmp_path)).load().advice) == (
         "tune", [])
+
+
+def test_grouped_thresholds_are_advised_in_an_order_the_kernel_accepts(sysctls):
+    """ip_frag's thresholds: the high one first when growing, the low one first when
+    shrinking (the kernel refuses a low threshold above the high one)."""
+    low, high = "net.ipv4.ipfrag_low_thresh", "net.ipv4.ipfrag_high_thresh"
+    group = SysctlGroup((low, high))
+    for name in (low, high):
+        sysctls.remember(name)
+    before = group.read(high)
+    bigger = (before[1] + 4096, before[1] + 8192)  # the new low is above the old high
+    for command in group.commands(high, bigger, before):
+        run_shell(command)
+    assert group.read(high) == bigger
+    for command in group.commands(high, before, bigger):
+        run_shell(command)
+    assert group.read(high) == before

@@ -39,8 +39,8 @@ class Access:
         """Commands that set ``value`` on another system, for the exit summary."""
         return []
 
-    def commands(self, name: str, value: Value) -> list[str]:
-        """Commands that set ``value`` here (advice mode), as bpftune would set it."""
+    def commands(self, name: str, value: Value, old: Value) -> list[str]:
+        """Commands that change ``old`` to ``value`` here (advice mode), as bpftune would."""
         return self.replicate(name, value)
 
 
@@ -93,6 +93,11 @@ class SysctlGroup(Access):
         pairs = list(zip(self.members, value, strict=True))
         return [f'sysctl -w {m}="{v}"' for m, v in pairs]
 
+    def commands(self, name: str, value: Value, old: Value) -> list[str]:
+        """In the order ``write`` uses: the kernel refuses a low threshold above the high."""
+        commands = self.replicate(name, value)
+        return commands[::-1] if value[-1] >= old[-1] else commands
+
 
 @dataclass(frozen=True)
 class NeighTable(Access):
@@ -117,7 +122,7 @@ class NeighTable(Access):
     def replicate(self, name: str, value: Value) -> list[str]:
         return SysctlGroup(self.names(name)).replicate(name, value)
 
-    def commands(self, name: str, value: Value) -> list[str]:
+    def commands(self, name: str, value: Value, old: Value) -> list[str]:
         """The netlink change bpftune makes (the table's own thresholds), as iproute2
         writes it."""
         table = neigh.TABLES[self.family]

@@ -411,7 +411,7 @@ class Changes:
             return None
         where = self.ledger_cookie(tunable, cookie)
         if commands is None:
-            commands = self.commands(tunable, where, proposed)
+            commands = self.commands(tunable, where, proposed, current)
         rec, new, changed = self.advice.propose(
             tuner=tuner.name, tunable=tunable.name, netns=self.namespaces.name(where),
             cookie=where, scenario=tuner.scenarios[scenario].name,
@@ -427,9 +427,9 @@ class Changes:
             log.notice(f"advice {rec.id}: {rec.reason}; to apply: {' ; '.join(commands)}")
         return rec
 
-    def commands(self, tunable: Tunable, cookie: int, value: Value) -> list[str]:
-        """Shell commands that set ``value`` in the namespace ``cookie``."""
-        return self.in_netns(cookie, tunable.access.commands(tunable.name, value))
+    def commands(self, tunable: Tunable, cookie: int, value: Value, old: Value) -> list[str]:
+        """Shell commands that change ``old`` to ``value`` in the namespace ``cookie``."""
+        return self.in_netns(cookie, tunable.access.commands(tunable.name, value, old))
 
     def in_netns(self, cookie: int, commands: list[str]) -> list[str]:
         """``commands`` as run from the global namespace in the namespace ``cookie``."""
