@@ -13,15 +13,19 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# python3-systemd: the audit trail's journald fields; like bcc and pcp, the venv sees it
+# through --system-site-packages (make_venv).
 apt_packages=(python3 python3-venv python3-bpfcc bpfcc-tools bpftool
               linux-headers-amd64 iperf3 iproute2 nftables
               python3-pyroute2 python3-jinja2 pcp python3-pcp redis-server
               rpm python3-docutils make cpio systemd stress-ng
-              python3-cap-ng libcap2-bin iputils-ping hping3 libbpf1)
+              python3-cap-ng libcap2-bin iputils-ping hping3 libbpf1
+              python3-systemd)
 dnf_packages=(python3 python3-bcc bcc-tools bpftool kernel-devel iperf3
               iproute nftables python3-pyroute2 python3-jinja2 pcp python3-pcp valkey
               rpm-build python3-docutils make cpio systemd stress-ng
-              python3-libcap-ng libcap iputils hping3 libbpf)
+              python3-libcap-ng libcap iputils hping3 libbpf
+              python3-systemd)
 
 missing_apt() {
     local p

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 
 import pytest
 
 from helpers import Hosts, Sysctls, managed_sysctls, read_sysctl
+
+# Set before anything imports bpftune.paths: daemons the tests start (and engines made in
+# this process) write their audit trail here, never to /var/log/bpftune. Tests of the trail
+# give each daemon its own --audit-file.
+AUDIT_DIR = tempfile.mkdtemp(prefix="bpftune-test-audit-")
+os.environ["BPFTUNE_AUDIT_FILE"] = os.path.join(AUDIT_DIR, "audit.jsonl")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +46,13 @@ def carried_state(tmp_path_factory):
     daemon starts from the ledger the previous one left (as /var/lib/bpftune/ carries over
     between runs on a real host)."""
     return tmp_path_factory.mktemp("carried") / "state"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _audit_dir_removed():
+    """Remove the tests' audit trail directory (see AUDIT_DIR) at the end."""
+    yield
+    shutil.rmtree(AUDIT_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

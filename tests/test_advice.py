@@ -4,12 +4,15 @@ recommendation names the command that applies it, which the tests run."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from test_audit import records
 from test_pmlogger import pmie_config
 from test_tcp_conn import DEFAULT, Sink, cubic_ns, in_netns, lossy, send  # noqa: F401 (fixtures)
 
@@ -71,6 +74,7 @@ def test_squeezed_buffers_are_advised_not_changed_and_the_advice_applies(
     iperf = Iperf(hosts.ns, hosts.ns_addr)
     state = tmp_path / "state"
     try:
+        started = time.time()
         with pmda_installed(), daemon(tmp_path / "first", "--advise", state=state) as d:
             d.wait_for(r"advice mode: no tunable will be changed")
             for _ in range(2):  # the condition lasts: proposed again, logged once
@@ -103,6 +107,13 @@ def test_squeezed_buffers_are_advised_not_changed_and_the_advice_applies(
             assert "tcp_buffer               active" in query("tuners").stdout
             assert json.loads(query("state").stdout)["daemon"]["mode"] == "advise"
             check_pcp(tmp_path, rmem)
+            audited = [r for r in records(Path(os.environ["BPFTUNE_AUDIT_FILE"]))
+                       if r["kind"] == "recommendation" and r.get("advice_id") == rmem["id"]]
+            assert audited and audited[-1]["commands"] == rmem["commands"], audited
+            assert audited[-1]["new"] == rmem["proposed"] and audited[-1]["netns"] == hosts.ns
+            assert not [r for r in records(Path(os.environ["BPFTUNE_AUDIT_FILE"]))
+                        if r["kind"] == "change" and r["tuner"] == "tcp_buffer"
+                        and r["epoch"] >= started]
             d.stop()
         header = json.loads((state / "state.jsonl").read_text().splitlines()[0])
         assert header["mode"] == "advise"

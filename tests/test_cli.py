@@ -71,6 +71,7 @@ def test_start_without_btf_is_one_clear_line(tmp_path):
     (["-r", "9"], "values 0-4 are supported for the learning rate"),
     (["-r", "fast"], "values 0-4 are supported for the learning rate"),
     (["-r"], "argument -r/--learning_rate: expected one argument"),
+    (["--audit-file", ""], "--audit-file needs a file name"),
 ])
 def test_bad_options_are_one_line_and_exit_1(args, message):
     assert_one_line_error(bpftune(*args), message)
@@ -89,7 +90,7 @@ def test_help_version_and_libdir():
     r = bpftune("-h")
     assert r.returncode == 0 and r.stderr.startswith("Usage: bpftune [OPTIONS]")
     for option in ("--allow", "--cgroup", "--learning_rate", "--query", "--rollback",
-                   "--support", "--stderr", "--port", "--libdir"):
+                   "--support", "--stderr", "--port", "--libdir", "--audit-file"):
         assert option in r.stderr
     r = bpftune("-V")
     assert r.returncode == 0 and r.stdout.startswith("bpftune v")

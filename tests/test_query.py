@@ -60,7 +60,7 @@ def test_help_lists_every_query_in_upstream_format(tuned):
     lines = r.stdout.rstrip("\n").splitlines()
     names = [line.split()[0] for line in lines]
     assert names == ["help", "tuners", "tunables", "jtunables", "summary", "status", "jstatus",
-                     "rollback", "state", "jadvice", "advice"]
+                     "rollback", "state", "jadvice", "advice", "history"]
     assert lines[0] == f"{'help':>20} {'list supported queries':>40}"
 
 

@@ -137,6 +137,12 @@ def test_requires(build):
     assert {"bpftune", "pcp", "python3-pcp"} <= requires("bpftune-pcp-pmda")
 
 
+def test_audit_trail_directory_and_journald_binding(build):
+    modes = rpm_query(build.rpms["bpftune"], "--qf", "[%{FILENAMES} %{FILEMODES:perms}\n]")
+    assert "/var/log/bpftune drwxr-xr-x" in modes.splitlines()
+    assert "python3-systemd" in rpm_query(build.rpms["bpftune"], "--recommends").split()
+
+
 def test_scriptlets_enable_the_service_and_follow_pcp_conventions(build):
     daemon = rpm_query(build.rpms["bpftune"], "--scripts")
     for kind in ("postinstall", "preuninstall", "postuninstall"):

@@ -28,6 +28,7 @@ from bpftune.netns import Namespaces, NetnsError
 from bpftune.sysctl import SysctlError, Value, format_value
 
 if TYPE_CHECKING:
+    from bpftune.audit import AuditTrail
     from bpftune.tuner import Tunable, Tuner
 
 GLOBAL = 0  # cookie used for the global (initial) network namespace in the ledger
@@ -247,6 +248,8 @@ class Changes:
         self.leftovers: dict[tuple[str, int], Leftover] = {}
         #: Ledger keys this run changed, and their value before its first change.
         self.run_start: dict[tuple[str, int], Value] = {}
+        #: Where changes, rollbacks and hand-overs are recorded (set by the engine).
+        self.audit: AuditTrail | None = None
 
     def ledger_cookie(self, tunable: Tunable, cookie: int) -> int:
         if not tunable.namespaced or self.namespaces.is_global(cookie):
@@ -344,7 +347,11 @@ class Changes:
         crash_point("recorded")
         if changed:
             self._log_change(tuner, tunable, scenario, where)
-            log.notice(reason.format(old=format_value(old), new=format_value(readback)))
+            why = reason.format(old=format_value(old), new=format_value(readback))
+            log.notice(why)
+            extra = {} if readback == new else {"requested": new}
+            self._audit("change", tuner.name, tunable.name, where, old=old, new=readback,
+                        scenario=tuner.scenarios[scenario].name, reason=why, **extra)
         return changed
 
     @staticmethod
@@ -422,6 +429,10 @@ class Changes:
             with contextlib.suppress(OSError):
                 self.state.append({"advice": rec.as_dict()}, self.records,
                                   self._advice_entries())
+            self._audit("recommendation", tuner.name, tunable.name, where, old=current,
+                        new=proposed, scenario=rec.scenario, reason=rec.reason,
+                        advice_id=rec.id, commands=commands,
+                        **({"subject": subject} if subject else {}))
         if new:
             self._log_change(tuner, tunable, scenario, where)
             log.notice(f"advice {rec.id}: {rec.reason}; to apply: {' ; '.join(commands)}")
@@ -471,9 +482,23 @@ class Changes:
             self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
         self.manual = {m: t for m, t in self.manual.items() if m[1] != cookie}
 
-    def hand_over(self, tuner_name: str, cookie: int) -> None:
-        """An administrator wrote one of the tuner's tunables in that namespace."""
-        self.manual.setdefault((tuner_name, cookie), time.monotonic())
+    def hand_over(self, tuner_name: str, cookie: int, tunable: str | None = None,
+                  new: Value | None = None, reason: str | None = None) -> None:
+        """An administrator wrote one of the tuner's tunables (``tunable``, now ``new``, if
+        the caller knows) in that namespace."""
+        if (tuner_name, cookie) in self.manual:
+            return
+        self.manual[(tuner_name, cookie)] = time.monotonic()
+        ours = self.records.get((tunable, cookie)) if tunable else None
+        self._audit("hand_over", tuner_name, tunable, cookie,
+                    old=ours.current if ours else None, new=new, reason=reason)
+
+    def _audit(self, kind: str, tuner: str, tunable: str | None, cookie: int,
+               **fields) -> None:
+        """Add a record to the audit trail (if there is one: unit tests may have none)."""
+        if self.audit is not None:
+            self.audit.record(kind, tuner=tuner, tunable=tunable, cookie=cookie,
+                              netns=self.namespaces.name(cookie), **fields)
 
     def forget_unknown_hand_overs(self, scanned_at: float) -> None:
         """Hand-overs in namespaces a full scan (at ``scanned_at``) made after them did not
@@ -567,6 +592,8 @@ class Changes:
         access.write(r.tunable, original, live)
         if access.read(r.tunable, string) != original:
             raise SysctlError(0, f"read back of '{r.tunable}' does not match")
+        self._audit("rollback", r.tuner, r.tunable, r.cookie, old=live, new=original,
+                    reason="restoring the value bpftune found")
 
     def adopt_leftovers(self) -> None:
         """Take over the changes an earlier run recorded (after a crash, or a clean exit

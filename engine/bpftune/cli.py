@@ -9,9 +9,9 @@ import sys
 from bpftune import __version__, plugins
 from bpftune.learning import MAX_RATE, MIN_RATE
 from bpftune.log import log
-from bpftune.paths import DEFAULT_CGROUP
+from bpftune.paths import AUDIT_FILE, DEFAULT_CGROUP
 
-USAGE = """Usage: bpftune [OPTIONS]
+USAGE = f"""Usage: bpftune [OPTIONS]
 	OPTIONS:
 		--help,            -h	this message
 		--allow,           -a	tuner to allow (name, or upstream file name); repeatable
@@ -27,6 +27,7 @@ USAGE = """Usage: bpftune [OPTIONS]
 		--support,         -S	print which features this system supports and exit
 		--btf FILE	with -S: report for the kernel whose BTF (vmlinux or raw) this is
 		--advise	advice mode: change nothing; recommend (see "-q advice")
+		--audit-file FILE	audit trail of every change (default {AUDIT_FILE})
 		--version,         -V	show version and exit
 """
 
@@ -62,17 +63,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-r", "--learning_rate", default="4")
     p.add_argument("-p", "--port", type=int, default=0)
     p.add_argument("-P", "--print-libdir", action="store_true")
-    p.add_argument("-q", "--query")
+    # One word (upstream), or more: "-q history 50" asks for the last 50 records.
+    p.add_argument("-q", "--query", nargs="+")
     p.add_argument("-R", "--rollback", action="store_true")
     p.add_argument("-s", "--stderr", action="store_true")
     p.add_argument("-S", "--support", action="store_true")
     p.add_argument("-V", "--version", action="store_true")
     p.add_argument("--btf")
     p.add_argument("--advise", action="store_true")
+    p.add_argument("--audit-file", default=AUDIT_FILE)
     args, extra = p.parse_known_args(argv)
     if extra:
         raise UsageError(f"unrecognized option '{extra[0]}'")
     args.learning_rate = _learning_rate(args.learning_rate)
+    if args.query is not None:
+        args.query = " ".join(args.query)
+    if not args.audit_file:
+        raise UsageError("--audit-file needs a file name")
+    args.audit_file = os.path.abspath(args.audit_file)  # logged and queried in full
     if args.btf is not None and not args.support:
         raise UsageError("--btf is only valid with -S")
     if args.advise and (args.support or args.query is not None):
@@ -120,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         _daemonize()
     engine = Engine(Options(learning_rate=args.learning_rate, rollback=args.rollback,
                             cgroup=args.cgroup, allow=args.allow, plugin_dir=args.libdir,
-                            port=args.port, advise=args.advise))
+                            port=args.port, advise=args.advise,
+                            audit_file=args.audit_file))
     try:
         engine.start()
         engine.run()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpftune import __version__, caps, plugins, support
+from bpftune.audit import AuditTrail
 from bpftune.bpf import (
     BpfError,
     Cgroup,
@@ -30,9 +31,9 @@ from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
 from bpftune.netns_watch import NetnsWatch
-from bpftune.paths import DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
+from bpftune.paths import AUDIT_FILE, DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
 from bpftune.query import QueryServer
-from bpftune.sysctl import SysctlError
+from bpftune.sysctl import SysctlError, Value
 from bpftune.tuner import Strategy, Tuner, TunerState, choose_strategy
 
 POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
@@ -54,6 +55,7 @@ class Options:
     state_dir: str = STATE_DIR
     #: Advice mode: tuners propose, nothing is written (bpftune.advice).
     advise: bool = False
+    audit_file: str = AUDIT_FILE
 
 
 class Engine:
@@ -69,6 +71,8 @@ class Engine:
         self.stopping = False
         self.namespaces: Namespaces | None = None
         self.changes: Changes | None = None
+        #: Made now, in the namespace bpftune starts in (see AuditTrail); files on first use.
+        self.audit = AuditTrail(options.audit_file)
         self.programs: Programs | None = None
         self.cgroup: Cgroup | None = None
         self._lock_fd: int | None = None
@@ -89,6 +93,7 @@ class Engine:
         mode = "advise" if self.options.advise else "tune"
         self.changes = Changes(self.namespaces, StateFile(self.options.state_dir, mode),
                                advise=self.options.advise)
+        self.changes.audit = self.audit
         self.changes.adopt_leftovers()
         try:
             ensure_tracefs()
@@ -416,14 +421,17 @@ class Engine:
         return sizes
 
     # Administrator overrides.
-    def disable(self, tuner: Tuner, cookie: int) -> None:
-        """Hand ``tuner`` over to the administrator in one netns, or everywhere if global."""
+    def disable(self, tuner: Tuner, cookie: int, tunable: str | None = None,
+                new: Value | None = None, reason: str | None = None) -> None:
+        """Hand ``tuner`` over to the administrator in one netns, or everywhere if global.
+        For the audit trail: the ``tunable`` the administrator wrote and its ``new`` value
+        where the caller knows them, and the ``reason`` it logged."""
         if self.namespaces.is_global(cookie):
-            self.changes.hand_over(tuner.name, 0)
+            self.changes.hand_over(tuner.name, 0, tunable, new, reason)
             self.finish(tuner, TunerState.MANUAL)
         else:
             log.debug(f"setting state of netns (cookie {cookie}) to manual for '{tuner.name}'")
-            self.changes.hand_over(tuner.name, cookie)
+            self.changes.hand_over(tuner.name, cookie, tunable, new, reason)
             tuner.handed_over(cookie)
 
     # Shutdown.
@@ -466,6 +474,7 @@ class Engine:
             self.cgroup.close()
         if self.netns_watch is not None:
             self.netns_watch.close()
+        self.audit.close()
         if self.namespaces is not None:
             self.namespaces.close()
         if self._lock_fd is not None:

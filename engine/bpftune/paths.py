@@ -11,6 +11,8 @@ PID_FILE = f"{RUN_DIR}/bpftune.pid"
 DEFAULT_CGROUP = f"{RUN_DIR}/cgroupv2"
 QUERY_SOCKET = os.environ.get("BPFTUNE_QUERY_SOCKET", f"{RUN_DIR}/query.sock")
 STATE_DIR = os.environ.get("BPFTUNE_STATE_DIR", "/var/lib/bpftune")
+#: The audit trail (bpftune.audit); --audit-file overrides, and so does $BPFTUNE_AUDIT_FILE.
+AUDIT_FILE = os.environ.get("BPFTUNE_AUDIT_FILE", "/var/log/bpftune/audit.jsonl")
 
 
 def data_dir(name: str, marker: str) -> Path:

@@ -59,9 +59,11 @@ TIMED_OUT = b"error: request not complete in time\0"
 class Query:
     name: str
     description: str
-    handler: Callable[[Snapshot], str]
+    handler: Callable[[Snapshot], str] | Callable[[Snapshot, str], str]
     #: The handler needs each tuner's summary lines in the snapshot.
     summaries: bool = False
+    #: The handler also gets the rest of the request (``history 50``: "50").
+    argument: bool = False
 
 
 def _reply_for(engine: Engine, request: str) -> str:
@@ -71,7 +73,10 @@ def _reply_for(engine: Engine, request: str) -> str:
         if request.startswith(q.name):  # upstream matches by prefix, in table order
             # Only the copy is made under the engine's lock; the handler (namespace switches,
             # sysctl reads, formatting) runs without it, so queries never stall events.
-            return q.handler(report.snapshot(engine, summaries=q.summaries))
+            snap = report.snapshot(engine, summaries=q.summaries)
+            if q.argument:
+                return q.handler(snap, request[len(q.name):].strip())
+            return q.handler(snap)
     return f"unknown request '{request}'; supported requests are:\n" + report.help_text()
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from bpftune import __version__
 from bpftune.access import from_spec
 from bpftune.advice import Recommendation
+from bpftune.audit import value_text
 from bpftune.changes import GLOBAL, Changes, Record
 from bpftune.log import log
 from bpftune.metrics import published_metric, scenario_metric, tunable_metrics
@@ -29,6 +30,7 @@ from bpftune.query import Query
 from bpftune.sysctl import Value, format_value
 
 if TYPE_CHECKING:
+    from bpftune.audit import AuditTrail
     from bpftune.engine import Engine
     from bpftune.netns import Namespaces
     from bpftune.tuner import Published, Scenario, Strategy, Tunable
@@ -83,6 +85,7 @@ class Snapshot:
     unloaded: dict[str, str]  # tuners that did not load -> why
     #: Advice mode: the recommendations (copies); None when the daemon tunes.
     advice: tuple[Recommendation, ...] | None = None
+    audit: AuditTrail | None = None  # read (its file, not memory) by ``history``
 
     @property
     def generation(self) -> tuple[int, ...]:
@@ -150,7 +153,8 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             bpf_programs=sum(len(t.bpf.programs) for t in engine.tuners if t.bpf is not None),
             tables=engine.table_sizes(), unloaded=dict(engine.unloaded),
             advice=None if changes.advice is None else tuple(
-                copy.deepcopy(r) for r in changes.advice.ordered()))
+                copy.deepcopy(r) for r in changes.advice.ordered()),
+            audit=engine.audit)
 
 
 def _quoted(value: Value) -> str:
@@ -379,6 +383,41 @@ def jadvice(snap: Snapshot) -> str:
     return json.dumps({"advice": [r.as_dict() for r in snap.advice]}, indent=1)
 
 
+HISTORY_DEFAULT, HISTORY_MAX = 20, 10000
+
+
+def _history_line(r: dict) -> str:
+    """One record as a table row; whatever a hand-edited line holds, never an error."""
+    def field(key: str) -> str:
+        value = r.get(key)
+        return "-" if value in (None, "", []) else value_text(value)
+
+    netns = field("netns") if r.get("netns") else field("cookie")
+    return (f"{field('time')[:19]:<19} {field('kind'):<14} {field('tuner'):<12} "
+            f"{field('tunable'):<36} {netns:<16} ({field('old')}) -> ({field('new')}) "
+            f"{field('verdict')} {field('reason')}")
+
+
+def history(snap: Snapshot, argument: str) -> str:
+    """The audit trail's last N records (``history N``; 20 without N), oldest first, read
+    from its files: records of earlier runs show too."""
+    try:
+        n = int(argument) if argument else HISTORY_DEFAULT
+    except ValueError:
+        n = 0
+    if not 1 <= n <= HISTORY_MAX:
+        return f"error: history takes a number of records from 1 to {HISTORY_MAX}"
+    try:
+        records = snap.audit.history(n)
+    except OSError as e:
+        return f"error: cannot read audit trail '{snap.audit.path}': {e.strerror or e}"
+    if not records:
+        return f"# no records in audit trail '{snap.audit.path}'"
+    header = (f"{'TIME (UTC)':<19} {'KIND':<14} {'TUNER':<12} {'TUNABLE':<36} {'NETNS':<16} "
+              f"OLD -> NEW VERDICT REASON")
+    return "\n".join([header, *map(_history_line, records)])  # the client ends the line
+
+
 QUERIES = (
     Query("help", "list supported queries", help_text),
     Query("tuners", "show state of tuners", tuners),
@@ -391,4 +430,5 @@ QUERIES = (
     Query("state", "complete state for machines(json)", state),
     Query("jadvice", "show recommendations(json)", jadvice),
     Query("advice", "show recommendations (advice mode)", advice),
+    Query("history", "show last N audit records (20)", history, argument=True),
 )

@@ -231,11 +231,12 @@ class NeighTableTuner(Tuner):
                     live: tuple[int, ...]) -> None:
         """Someone changed the thresholds without a sysctl write (``ip ntable change``,
         which the sysctl tuner cannot see): the administrator's rule applies all the same."""
-        log.notice(f"thresholds of neighbour table {neigh.TABLES[tunable.access.family]} were "
+        message = (f"thresholds of neighbour table {neigh.TABLES[tunable.access.family]} were "
                    f"changed from ({' '.join(map(str, ours))}) to "
                    f"({' '.join(map(str, live))}) by someone else; disabling '{self.name}' "
                    f"for namespace cookie {self.engine.namespaces.global_cookie}")
-        self.engine.disable(self, GLOBAL)
+        log.notice(message)
+        self.engine.disable(self, GLOBAL, tunable.name, live, message)
 
     def _maybe_shrink(self, tunable: Tunable, state: neigh.TableState,
                       original: tuple[int, ...], now: float) -> None:

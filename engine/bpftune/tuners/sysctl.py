@@ -93,4 +93,16 @@ class SysctlTuner(Tuner):
                 log.notice(message)
             else:  # anyone can write in namespaces of their own, as often as they like
                 log.limited("sysctl hand-over", message)
-            self.engine.disable(tuner, cookie)
+            self.engine.disable(tuner, cookie, name, self._written(name, cookie), message)
+
+    def _written(self, name: str, cookie: int) -> sysctl.Value | None:
+        """What the administrator wrote (as it is now), for the audit trail."""
+        try:
+            with self.engine.namespaces.entered(cookie):
+                text = sysctl.read(name, string=True)
+        except OSError:  # the namespace (or the writer's netns) may be gone already
+            return None
+        try:
+            return tuple(int(v) for v in text.split())
+        except ValueError:
+            return text
