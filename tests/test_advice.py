@@ -182,7 +182,7 @@ def test_advice_queries_of_a_daemon_that_tunes_are_refused(tmp_path):
 def test_advise_is_refused_with_queries():
     out = subprocess.run([BPFTUNE, "--advise", "-q", "status"], capture_output=True, text=True)
     assert out.returncode == 1
-    assert out.stderr == "bpftune: --advise is an option of the daemon, not of -S or -q\n"
+    assert out.stderr == "bpftune: --advise is an option of the daemon, not of -S, -q or -E\n"
 
 
 def test_a_repeated_proposal_updates_its_recommendation_and_a_new_value_replaces_it():

@@ -17,7 +17,8 @@ from test_tcp_buffer import RMEM, WMEM, squeeze_buffers
 
 
 def getpcaps(pid: int) -> str:
-    """``cap_chown,cap_net_admin,cap_sys_ptrace,cap_sys_admin=ep`` (libcap's text form)."""
+    """``cap_chown,cap_net_admin,cap_sys_ptrace,cap_sys_admin,cap_syslog=ep`` (libcap's text
+    form)."""
     out = subprocess.run(["getpcaps", str(pid)], check=True, capture_output=True,
                          text=True).stdout.strip()
     assert out.startswith(f"{pid}: "), out
@@ -50,8 +51,8 @@ def assert_only_kept(pid: int) -> None:
 def test_only_the_documented_capabilities_are_kept_in_every_thread(tmp_path):
     with daemon(tmp_path, "-d") as d:
         assert_only_kept(d.proc.pid)
-    assert ("dropped capabilities; kept cap_chown, cap_net_admin, cap_sys_admin, cap_sys_ptrace "
-            "(permitted, effective, bounding)") in d.log
+    assert ("dropped capabilities; kept cap_chown, cap_net_admin, cap_sys_admin, cap_sys_ptrace, "
+            "cap_syslog (permitted, effective, bounding)") in d.log
 
 
 def mounted(path: str) -> bool:

@@ -14,7 +14,7 @@ from bpftune.changes import Changes, Record, StateFile, boot_id
 from bpftune.log import log
 from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
-from helpers import netns_cookie, read_sysctl, recorded, values
+from helpers import netns_cookie, read_sysctl, recorded, values, write_sysctl
 
 RMEM = TcpBufferTuner.RMEM
 
@@ -59,6 +59,29 @@ def test_manual_namespace_is_left_alone_and_rollback_restores_the_rest(ns_change
     changes.hand_over("tcp_buffer", cookie)
     assert not changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
     assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
+
+
+def test_hand_back_forgets_only_that_tuners_records_there_and_journals_it(ns_changes):
+    changes, tuner, cookie, ns, tmp = ns_changes
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 163840), "{old} {new}")
+    other = Record("udp_buffer", "net.core.rmem_max", cookie, [1], [2])
+    elsewhere = Record("tcp_buffer", RMEM.name, 0, [1, 2, 3], [1, 2, 4])
+    for r in (other, elsewhere):  # another tuner's there, this tuner's elsewhere
+        changes.records[r.key] = r
+        changes._journal(r)
+    changes.hand_over("tcp_buffer", cookie)
+    changes.run_start[(RMEM.name, cookie)] = (4096, 131072, 131072)
+    changes.hand_back("tcp_buffer", cookie)
+    assert ("tcp_buffer", cookie) not in changes.manual
+    assert set(changes.records) == {other.key, elsewhere.key}
+    assert (RMEM.name, cookie) not in changes.run_start
+    assert {(r["tuner"], r["cookie"]) for r in recorded(tmp)} == {("udp_buffer", cookie),
+                                                                  ("tcp_buffer", 0)}
+    # Its next change records the value there now as the original.
+    write = "4096 131072 140000"
+    write_sysctl(RMEM.name, write, ns)  # the administrator's, after the hand-over
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 175000), "{old} {new}")
+    assert changes.records[(RMEM.name, cookie)].original == values(write)
 
 
 def test_the_value_is_announced_on_disk_before_it_is_written(ns_changes, monkeypatch):

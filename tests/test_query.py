@@ -60,8 +60,9 @@ def test_help_lists_every_query_in_upstream_format(tuned):
     lines = r.stdout.rstrip("\n").splitlines()
     names = [line.split()[0] for line in lines]
     assert names == ["help", "tuners", "tunables", "jtunables", "summary", "status", "jstatus",
-                     "rollback", "state", "jadvice", "advice", "history"]
+                     "rollback", "state", "jadvice", "advice", "history", "enable"]
     assert lines[0] == f"{'help':>20} {'list supported queries':>40}"
+    assert lines[-1] == f"{'enable TUNER [NETNS]':>20} {'re-enable a tuner handed over (root)':>40}"
 
 
 def test_tuners_and_tunables(tuned):

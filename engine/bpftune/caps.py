@@ -7,8 +7,9 @@ CAP_SYS_ADMIN to mount cgroup2 and tracefs, CAP_SYS_RESOURCE for RLIMIT_MEMLOCK)
 Inheritable and ambient sets end up empty.
 
 Dropped because running does not need them (each checked on a 6.x kernel by dropping to a
-candidate set and trying the operation): no program is loaded after start (the ring buffer
-is polled and maps are read through descriptors already open); sysctl writes need no
+candidate set and trying the operation): programs loaded after start (see cap_syslog below)
+need no more than the kept set, and the ring buffer is polled and maps are read through
+descriptors already open; sysctl writes need no
 capability for uid 0, in any namespace (the kernel checks euid 0, not the file's owner, so
 writes into a namespace owned by another user namespace work too), except the one below;
 detaching the cgroup programs at exit needs none; files under /run/bpftune and the state
@@ -49,6 +50,13 @@ KEPT = (
     # we dropped ours; container processes): how namespaces that are not bind-mounted are
     # found. EACCES without it, even with CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH.
     "cap_sys_ptrace",
+    # Loading a tuner's programs again after start (``bpftune -E`` after a global hand-over,
+    # a strategy switch): the loader child, which gets only this set, and ip_frag's compile
+    # defines read kernel addresses in /proc/kallsyms, all 0 without it (unless
+    # kernel.perf_event_paranoid <= 1). BCC then takes the kernel for one without
+    # bpf_probe_read_kernel and compiles bpf_probe_read, which sock_ops programs may not
+    # call (tcp_buffer's would not load), and ip_frag loses its drop-site ranges.
+    "cap_syslog",
 )
 
 

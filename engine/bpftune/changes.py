@@ -473,14 +473,20 @@ class Changes:
         if self.advice is not None:
             self.advice.forget_netns(cookie)
         for key in [k for k in self.records if k[1] == cookie]:
-            del self.records[key]
-            self.leftovers.pop(key, None)
-            self.run_start.pop(key, None)
-            with contextlib.suppress(OSError):
-                self.state.append({"forget": list(key)}, self.records, self._advice_entries())
+            self._forget(key)
         for key in [k for k in self.scenario_counts if k[3] == cookie]:
             self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
         self.manual = {m: t for m, t in self.manual.items() if m[1] != cookie}
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        """Drop a record, in the journal too (so that the next start agrees)."""
+        del self.records[key]
+        self.leftovers.pop(key, None)
+        self.run_start.pop(key, None)
+        try:
+            self.state.append({"forget": list(key)}, self.records, self._advice_entries())
+        except OSError as e:
+            log.err(f"cannot save '{self.state.path}': {e}")
 
     def hand_over(self, tuner_name: str, cookie: int, tunable: str | None = None,
                   new: Value | None = None, reason: str | None = None) -> None:
@@ -493,12 +499,25 @@ class Changes:
         self._audit("hand_over", tuner_name, tunable, cookie,
                     old=ours.current if ours else None, new=new, reason=reason)
 
+    def audit_hand_back(self, tuner_name: str, cookie: int, uid: int, reason: str) -> None:
+        self._audit("hand_back", tuner_name, None, cookie, reason=reason, uid=uid)
+
     def _audit(self, kind: str, tuner: str, tunable: str | None, cookie: int,
                **fields) -> None:
         """Add a record to the audit trail (if there is one: unit tests may have none)."""
         if self.audit is not None:
             self.audit.record(kind, tuner=tuner, tunable=tunable, cookie=cookie,
                               netns=self.namespaces.name(cookie), **fields)
+
+    def hand_back(self, tuner_name: str, cookie: int) -> None:
+        """The administrator gives the tuner back in that namespace (GLOBAL: everywhere it
+        was handed over as a whole). The values there now are its new baseline: its records
+        there are dropped, so that its next change records the live value as the original,
+        and -R never restores what was there before the administrator took over."""
+        self.manual.pop((tuner_name, cookie), None)
+        for key in [k for k, r in self.records.items()
+                    if r.tuner == tuner_name and k[1] == cookie]:
+            self._forget(key)
 
     def forget_unknown_hand_overs(self, scanned_at: float) -> None:
         """Hand-overs in namespaces a full scan (at ``scanned_at``) made after them did not

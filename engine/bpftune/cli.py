@@ -18,6 +18,8 @@ USAGE = f"""Usage: bpftune [OPTIONS]
 		--cgroup,          -c	cgroup v2 directory to attach cgroup programs to
 		--debug,           -d	debug mode; debug logging
 		--daemon,          -D	daemonize
+		--enable,          -E	re-enable TUNER, handed over to an administrator (root)
+		--netns NAME|COOKIE	with -E: only in that network namespace
 		--libdir,          -l	directory to load plugin tuners (*_tuner.py) from
 		--learning_rate,   -r	learning rate (0-4); higher adapts faster
 		--port,            -p	query server also listens on this 127.0.0.1 port
@@ -58,6 +60,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-c", "--cgroup", default=DEFAULT_CGROUP)
     p.add_argument("-d", "--debug", action="store_true")
     p.add_argument("-D", "--daemon", action="store_true")
+    p.add_argument("-E", "--enable")
     p.add_argument("-l", "--libdir", default=plugins.DEFAULT_PLUGIN_DIR)
     p.add_argument("-L", "--legacy", action="store_true")
     p.add_argument("-r", "--learning_rate", default="4")
@@ -72,6 +75,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--btf")
     p.add_argument("--advise", action="store_true")
     p.add_argument("--audit-file", default=AUDIT_FILE)
+    p.add_argument("--netns")
     args, extra = p.parse_known_args(argv)
     if extra:
         raise UsageError(f"unrecognized option '{extra[0]}'")
@@ -83,9 +87,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.audit_file = os.path.abspath(args.audit_file)  # logged and queried in full
     if args.btf is not None and not args.support:
         raise UsageError("--btf is only valid with -S")
-    if args.advise and (args.support or args.query is not None):
-        raise UsageError("--advise is an option of the daemon, not of -S or -q")
+    if args.advise and (args.support or args.query is not None or args.enable is not None):
+        raise UsageError("--advise is an option of the daemon, not of -S, -q or -E")
+    _check_enable(args)
     return args
+
+
+def _check_enable(args: argparse.Namespace) -> None:
+    if args.netns is not None and args.enable is None:
+        raise UsageError("--netns is only valid with -E")
+    if args.enable is not None and args.query is not None:
+        raise UsageError("-E and -q cannot be used together")
+    for what, word in (("tuner", args.enable), ("netns", args.netns)):
+        # The request is words on one line: a name cannot hold spaces.
+        if word is not None and (not word or any(c.isspace() or c == "\0" for c in word)):
+            raise UsageError(f"invalid {what} name '{word}'")
 
 
 def _support(args: argparse.Namespace) -> int:
@@ -111,6 +127,13 @@ def _query(args: argparse.Namespace) -> int:
     from bpftune import query
 
     return query.client(args.query, args.port)
+
+
+def _enable(args: argparse.Namespace) -> int:
+    from bpftune import query
+
+    request = " ".join(w for w in ("enable", args.enable, args.netns) if w is not None)
+    return query.command(request, args.port)
 
 
 def _daemonize() -> None:
@@ -154,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_libdir:
             print(plugins.builtin_dir())
             return 0
-        log.configure(to_stderr=args.stderr or args.support or args.query is not None,
-                      debug=args.debug)
+        client = args.query is not None or args.enable is not None
+        log.configure(to_stderr=args.stderr or args.support or client, debug=args.debug)
         if args.support:
             return _support(args)
         if args.query is not None:
             return _query(args)
+        if args.enable is not None:
+            return _enable(args)
         return _run(args)
     except UsageError as e:
         sys.stderr.write(f"bpftune: {e}\n")

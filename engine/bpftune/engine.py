@@ -23,9 +23,10 @@ from bpftune.bpf import (
     ensure_tracefs,
 )
 from bpftune.btf import Btf, BtfError
-from bpftune.changes import Changes, StateFile
+from bpftune.changes import GLOBAL, Changes, StateFile
 from bpftune.correlation import Correlations
 from bpftune.events import GENERATIONS, Event, event_tuner_id
+from bpftune.handback import HandBackError
 from bpftune.hooks import NotNeeded, Plan
 from bpftune.learning import LearningRate
 from bpftune.log import log
@@ -33,7 +34,7 @@ from bpftune.netns import Namespaces, NetnsError
 from bpftune.netns_watch import NetnsWatch
 from bpftune.paths import AUDIT_FILE, DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_DIR
 from bpftune.query import QueryServer
-from bpftune.sysctl import SysctlError, Value
+from bpftune.sysctl import SysctlError, Value, format_value
 from bpftune.tuner import Strategy, Tuner, TunerState, choose_strategy
 
 POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
@@ -433,6 +434,114 @@ class Engine:
             log.debug(f"setting state of netns (cookie {cookie}) to manual for '{tuner.name}'")
             self.changes.hand_over(tuner.name, cookie, tunable, new, reason)
             tuner.handed_over(cookie)
+
+    def enable(self, name: str, netns: str | None, uid: int) -> str:
+        """Hand tuner ``name`` back in the namespace ``netns`` (an ``ip netns`` name or a
+        cookie; None or "global": where it was handed over as a whole, which unloaded it).
+        The values there now become its new baseline. Returns what was done (also logged);
+        HandBackError, with the reason, if it was not handed over there."""
+        with self.lock:
+            tuner, cookie = self._handed_over(name, netns)
+            # Compiled under the lock, as at a strategy switch: a hand-back is rare.
+            fresh = self._reloaded(tuner) if cookie == GLOBAL else None
+            baseline = self._baseline(tuner, cookie)
+            self.changes.hand_back(name, cookie)  # before init: what init changes is recorded
+            if fresh is None:
+                tuner.handed_back(cookie)
+            else:
+                self._restart(tuner, fresh)
+            message = (f"tuner '{name}' re-enabled in {self._where(cookie)} by uid {uid}; "
+                       f"current values are its new baseline: {baseline}")
+            self.changes.audit_hand_back(name, cookie, uid, message)
+            log.notice(message)
+            return message
+
+    def _handed_over(self, name: str, netns: str | None) -> tuple[Tuner, int]:
+        """The tuner ``name`` and the ledger cookie of ``netns``, if it is handed over
+        there."""
+        tuner = next((t for t in self.tuners if t.name == name), None)
+        if tuner is None and name not in self.unloaded:
+            raise HandBackError(f"no tuner '{name}'")
+        cookie = self._netns_cookie(netns)
+        where = self._where(cookie)
+        if tuner is None:
+            raise HandBackError(f"tuner '{name}' is not disabled in {where}: it is not "
+                                f"loaded ({self.unloaded[name]})")
+        if cookie == GLOBAL and tuner.state is not TunerState.MANUAL:
+            raise HandBackError(f"tuner '{name}' is not disabled in {where} (it is "
+                                f"{tuner.state.value})")
+        if cookie != GLOBAL and tuner.state is TunerState.MANUAL:
+            # It is unloaded: giving it one namespace back would do nothing now.
+            raise HandBackError(f"tuner '{name}' is disabled everywhere (handed over in "
+                                f"global ns): re-enable it there first (bpftune -E {name})")
+        if cookie != GLOBAL and (name, cookie) not in self.changes.manual:
+            raise HandBackError(f"tuner '{name}' is not disabled in {where}")
+        return tuner, cookie
+
+    def _netns_cookie(self, netns: str | None) -> int:
+        """GLOBAL for the global netns; otherwise the cookie of the namespace ``ip netns``
+        calls ``netns``, or of the one with that cookie (N or cookie-N, as queries name it),
+        if bpftune knows it."""
+        if netns is None or netns == "global":
+            return GLOBAL
+        cookie = self.namespaces.named(netns)
+        if cookie is None:
+            number = netns.removeprefix("cookie-")
+            if not number.isdigit():
+                raise HandBackError(f"no network namespace '{netns}'")
+            cookie = int(number)
+            if not (self.namespaces.tracked(cookie)
+                    or any(c == cookie for _, c in self.changes.manual)):
+                raise HandBackError(f"no network namespace with cookie {cookie}")
+        return GLOBAL if self.namespaces.is_global(cookie) else cookie
+
+    def _where(self, cookie: int) -> str:
+        if cookie == GLOBAL:
+            return "global ns"
+        name = self.namespaces.name(cookie)
+        if name == f"cookie-{cookie}":
+            return f"netns cookie {cookie}"
+        return f"netns '{name}' (cookie {cookie})"
+
+    def _baseline(self, tuner: Tuner, cookie: int) -> str:
+        """The live values of the tuner's tunables in that namespace, as the log shows them."""
+        tunables = [t for t in tuner.tunables
+                    if t.sysctl and (cookie == GLOBAL or t.namespaced)]
+        values = self.changes.read_many(tunables, cookie)
+        return ", ".join(f"{n} ({format_value(v)})" for n, v in values.items()) or "none"
+
+    def _reloaded(self, old: Tuner) -> Tuner:
+        """A new instance of a tuner handed over everywhere (nothing kept from before, as at
+        start), its programs for its first strategy loaded and attached."""
+        tuner = type(old)(self, old.id)
+        tuner.given_back = True
+        tuner.plans = old.plans  # made at start: the kernel's BTF is freed since
+        tuner.hooks = tuner.plans[tuner.strategy]
+        tuner.generation = (old.generation + 1) % GENERATIONS  # old programs' events: stale
+        try:
+            self._take_bpf(tuner, self.programs.load(self._requests(tuner, others=False)))
+        except Exception as e:
+            self._unload_bpf(tuner)
+            raise HandBackError(f"cannot re-enable tuner '{old.name}': {e}") from None
+        return tuner
+
+    def _restart(self, old: Tuner, tuner: Tuner) -> None:
+        """Start ``tuner`` (loaded by ``_reloaded``) in the place of ``old``; if it fails,
+        ``old`` stays handed over."""
+        try:
+            tuner.init()
+            tuner.started()
+        except Exception as e:
+            self._unload_bpf(tuner)
+            self.changes.hand_over(old.name, GLOBAL)
+            raise HandBackError(f"cannot re-enable tuner '{old.name}': {e}") from None
+        tuner.state = TunerState.ACTIVE
+        tuner.arm_strategy_timeout(time.monotonic())
+        self.tuners[self.tuners.index(old)] = tuner
+        for name, cookie in list(self.changes.manual):  # its namespaces still handed over
+            if name == tuner.name and cookie != GLOBAL:
+                tuner.handed_over(cookie)
+        log.debug(f"successfully initialized tuner {tuner!r} ({tuner.hooks.describe()})")
 
     # Shutdown.
     def finish(self, tuner: Tuner, state: TunerState) -> None:

@@ -231,6 +231,17 @@ class Namespaces:
             finally:
                 os.close(fd)
 
+    def named(self, name: str) -> int | None:
+        """The cookie of the namespace ``ip netns`` calls ``name`` (None if there is none),
+        registered if it was not, and known by that name from now on."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            return None
+        path = os.path.join(NETNS_RUN_DIR, name)
+        with self._lock:
+            self._scan([path])
+            ref = self._probe(path)
+            return ref.cookie if ref is not None else None
+
     def ensure(self, cookie: int, pid: int = 0) -> None:
         """Make sure the namespace ``cookie`` is registered (and so forgotten when it is
         destroyed); NetnsError if it cannot be found. ``pid``, the process an event came

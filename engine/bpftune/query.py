@@ -6,7 +6,9 @@ the complete state as JSON, which the PCP PMDA polls. The server listens on a Un
 on 127.0.0.1 only (upstream binds every interface).
 
 Protocol (as upstream): the client sends the query name (a NUL or newline ends it), the
-server sends the reply followed by a NUL and closes the connection.
+server sends the reply followed by a NUL and closes the connection. Every query reads; the
+one request that changes the daemon, ``enable TUNER [NETNS]`` (``bpftune -E``, see
+bpftune.handback), is root's, told by the peer's credentials on the Unix socket.
 
 One thread does all the socket work, non-blocking (upstream and our first version gave every
 connection a thread): at most ``MAX_CONNECTIONS`` are open at once, each has one deadline for
@@ -25,6 +27,7 @@ import os
 import queue
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 MAX_REQUEST = 256
 MAX_REPLY = 16 << 20
 TIMEOUT = 5.0  # the client's, per receive, and for retrying a busy daemon
+COMMAND_TIMEOUT = 120.0  # per receive, for ``enable``: it compiles a tuner's BPF programs
 RETRY_SECONDS = 0.05
 MAX_CONNECTIONS = 32
 REQUEST_TIMEOUT = 2.0  # from accepting a connection to its complete request
@@ -66,9 +70,32 @@ class Query:
     argument: bool = False
 
 
-def _reply_for(engine: Engine, request: str) -> str:
-    from bpftune import report
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a Unix socket connection: its credentials when it
+    connected, as the kernel reports them (SO_PEERCRED), which it cannot fake."""
 
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+
+
+def peer_of(sock: socket.socket) -> Peer | None:
+    """The peer's credentials on a Unix socket; None on TCP, which has none."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    return Peer(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               _UCRED.size)))
+
+
+def _reply_for(engine: Engine, request: str, peer: Peer | None) -> str:
+    from bpftune import handback, report
+
+    if handback.is_request(request):  # the one request that changes the daemon
+        return handback.answer(engine, request, peer)
     for q in report.QUERIES:
         if request.startswith(q.name):  # upstream matches by prefix, in table order
             # Only the copy is made under the engine's lock; the handler (namespace switches,
@@ -80,9 +107,9 @@ def _reply_for(engine: Engine, request: str) -> str:
     return f"unknown request '{request}'; supported requests are:\n" + report.help_text()
 
 
-def _answer(engine: Engine, request: str) -> str:
+def _answer(engine: Engine, request: str, peer: Peer | None = None) -> str:
     try:
-        return _reply_for(engine, request)
+        return _reply_for(engine, request, peer)
     except Exception as e:  # a query must never take the daemon down
         log.err(f"query '{request}' failed: {e!r}")
         return f"error: query '{request}' failed: {e}"
@@ -106,10 +133,12 @@ READING, ANSWERING, WRITING, DRAINING = range(4)
 
 
 class _Conn:
-    __slots__ = ("data", "deadline", "drained", "phase", "reply", "sent", "sock", "started")
+    __slots__ = ("data", "deadline", "drained", "peer", "phase", "reply", "sent", "sock",
+                 "started")
 
-    def __init__(self, sock: socket.socket, now: float) -> None:
+    def __init__(self, sock: socket.socket, now: float, peer: Peer | None) -> None:
         self.sock = sock
+        self.peer = peer
         self.phase = READING
         self.started = now
         self.deadline = now + REQUEST_TIMEOUT
@@ -190,7 +219,8 @@ class _Loop:
     def _work(self) -> None:
         while (item := self._requests.get()) is not None:
             conn, request = item
-            self._replies.put((conn, _answer(self.engine, request).encode() + b"\0"))
+            self._replies.put((conn, _answer(self.engine, request, conn.peer).encode()
+                               + b"\0"))
             self._wake()
 
     # The serving thread.
@@ -235,6 +265,11 @@ class _Loop:
                 log.debug(f"query server: cannot accept: {e}")
                 time.sleep(0.1)
                 return
+            try:
+                peer = peer_of(sock)
+            except OSError:  # the client is gone already
+                sock.close()
+                continue
             sock.setblocking(False)
             if len(self.conns) >= MAX_CONNECTIONS:
                 reading = [c for c in self.conns.values() if c.phase == READING]
@@ -244,7 +279,7 @@ class _Loop:
                 oldest = min(reading, key=lambda c: c.started)
                 self._forget(oldest)
                 self._refuse(oldest.sock, TOO_MANY)
-            conn = _Conn(sock, time.monotonic())
+            conn = _Conn(sock, time.monotonic(), peer)
             self.conns[sock] = conn
             self.selector.register(sock, selectors.EVENT_READ)
             self._ready(conn)  # a request already sent is read before the next accept
@@ -370,11 +405,11 @@ class QueryServer:
             os.unlink(self.path)
 
 
-def _connect(port: int, path: str) -> socket.socket:
+def _connect(port: int, path: str, timeout: float) -> socket.socket:
     if port:
-        return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        return socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
+    s.settimeout(timeout)
     try:
         s.connect(path)
     except OSError:
@@ -394,16 +429,18 @@ def _exchange(s: socket.socket, query: str) -> bytes:
     return b"".join(chunks)
 
 
-def request(query: str, port: int = 0, path: str = QUERY_SOCKET) -> str:
+def request(query: str, port: int = 0, path: str = QUERY_SOCKET,
+            timeout: float = TIMEOUT) -> str:
     """Send one query to the daemon; raises OSError if it cannot be reached. A busy daemon
     is asked again for up to TIMEOUT seconds: its listen backlog full (EAGAIN, on a Unix
     socket), every connection slot taken, or this connection's slot given to a newer one
-    before the request was read (a reset or closed pipe, or the error reply)."""
+    before the request was read (a reset or closed pipe, or the error reply). ``timeout``
+    bounds each receive."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         busy: OSError | None = None
         try:
-            with _connect(port, path) as s:
+            with _connect(port, path, timeout) as s:
                 reply = _exchange(s, query)
         except (BlockingIOError, BrokenPipeError, ConnectionResetError) as e:
             busy = e
@@ -417,14 +454,38 @@ def request(query: str, port: int = 0, path: str = QUERY_SOCKET) -> str:
         time.sleep(RETRY_SECONDS)
 
 
-def client(query: str, port: int = 0) -> int:
+def _ask(query: str, port: int, timeout: float = TIMEOUT) -> str | None:
+    """The daemon's reply; None, said on stderr, if it cannot be reached."""
     where = f"127.0.0.1:{port}" if port else QUERY_SOCKET
     try:
-        reply = request(query, port)
+        return request(query, port, timeout=timeout)
     except OSError as e:
         reason = e.strerror or str(e)
         sys.stderr.write(f"bpftune: could not connect to bpftune ({where}): {reason}; "
                          f"is the daemon running?\n")
+        return None
+
+
+def _refused(reply: str) -> bool:
+    return reply.startswith(("error: ", "unknown request"))
+
+
+def client(query: str, port: int = 0) -> int:
+    reply = _ask(query, port)
+    if reply is None:
         return 1
     sys.stdout.write(reply + "\n")
-    return 1 if reply.startswith(("error: ", "unknown request")) else 0
+    return 1 if _refused(reply) else 0
+
+
+def command(query: str, port: int = 0) -> int:
+    """Send a request that changes the daemon: what it did on stdout (exit 0), or why it
+    refused as one line on stderr (exit 1)."""
+    reply = _ask(query, port, COMMAND_TIMEOUT)
+    if reply is None:
+        return 1
+    if _refused(reply):
+        sys.stderr.write(f"bpftune: {reply.removeprefix('error: ').splitlines()[0]}\n")
+        return 1
+    sys.stdout.write(reply + "\n")
+    return 0

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bpftune import __version__
+from bpftune import __version__, handback
 from bpftune.access import from_spec
 from bpftune.advice import Recommendation
 from bpftune.audit import value_text
@@ -166,7 +166,9 @@ def _live_global(snap: Snapshot, tuner: TunerView) -> dict[str, Value]:
 
 
 def help_text(_snap: Snapshot | None = None) -> str:
-    return "".join(f"{q.name:>20} {q.description:>40}\n" for q in QUERIES)
+    """Every query, then the request that changes the daemon (root only)."""
+    return ("".join(f"{q.name:>20} {q.description:>40}\n" for q in QUERIES)
+            + f"{handback.USAGE:>20} {handback.DESCRIPTION:>40}\n")
 
 
 def tuners(snap: Snapshot) -> str:

@@ -302,6 +302,9 @@ class Tuner:
         self.state = TunerState.INACTIVE
         self.bpf = None
         self.hooks = Plan()  # what its BPF program attached to, chosen at load
+        #: Loaded again by ``bpftune -E`` (Engine.enable): init must take the live values
+        #: as they are, not apply what it sets at start.
+        self.given_back = False
         #: The plan of each strategy (None: no strategies), made at load: a switch happens
         #: after the kernel's BTF is freed.
         self.plans: dict[Strategy | None, Plan] = {}
@@ -353,6 +356,10 @@ class Tuner:
         """An administrator took the tuner over in the namespace ``cookie`` (not the global
         one, which unloads the tuner): its BPF program should leave that namespace alone
         where it acts on its own (the engine already drops the namespace's events)."""
+
+    def handed_back(self, cookie: int) -> None:
+        """The administrator gave the namespace ``cookie`` back (``bpftune -E``): undo what
+        ``handed_over`` did there."""
 
     def table_sizes(self) -> dict[str, int]:
         """Sizes of the tuner's per-namespace tables (see ``Engine.table_sizes``)."""

@@ -236,9 +236,10 @@ class NetBufferTuner(Tuner):
     def _enable_high_order_allocs(self) -> None:
         """Only at start: later a 1 is tcp_buffer's, set near TCP memory exhaustion (and
         undone by it when memory eases); so is a 1 an earlier tcp_buffer left in the
-        ledger."""
+        ledger. Not when given back (bpftune -E): the administrator's value is the
+        baseline."""
         tunable = self.HIGH_ORDER_ALLOC_DISABLE
-        if kernel_version() < HIGH_ORDER_FIXED_IN:
+        if kernel_version() < HIGH_ORDER_FIXED_IN or self.given_back:
             return
         if self.changed_by(tunable) not in (None, self.name):
             return

@@ -226,8 +226,7 @@ class TcpConnTuner(Tuner):
             hosts = self.bpf["hosts"]
             for key in [k for k in hosts if k.netns_cookie == cookie]:
                 del hosts[key]
-            with contextlib.suppress(KeyError):
-                del self.bpf["manual_netns"][ct.c_uint64(cookie)]
+        self.handed_back(cookie)  # its manual_netns entry, if any
 
     def table_sizes(self) -> dict[str, int]:
         return {"logged": len(self.logged), "switches_counted": len(self.switches_counted)}
@@ -273,4 +272,9 @@ class TcpConnTuner(Tuner):
         if self.bpf is not None:
             table = self.bpf["manual_netns"]
             table[ct.c_uint64(cookie)] = ct.c_uint8(1)
+
+    def handed_back(self, cookie: int) -> None:
+        if self.bpf is not None:
+            with contextlib.suppress(KeyError):
+                del self.bpf["manual_netns"][ct.c_uint64(cookie)]
 
