@@ -292,3 +292,18 @@ def churn_namespace(name: str, timeout: float = 10) -> float | None:
 
 def daemon_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def loopback_namespace(name: str) -> Iterator[str]:
+    """A namespace with only loopback, for traffic inside it; deleted on exit if the test
+    has not deleted it already."""
+    pyroute2_netns.create(name)
+    try:
+        with NetNS(name) as nsr:
+            (lo,) = nsr.link_lookup(ifname="lo")
+            nsr.link("set", index=lo, state="up")
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            pyroute2_netns.remove(name)

@@ -3,7 +3,6 @@ administrator took over, with the values live then as its new baseline; only roo
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import json
 import os
@@ -13,8 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pyroute2 import NetNS
-from pyroute2 import netns as pyroute2_netns
 from test_audit import records
 
 from helpers import (
@@ -22,6 +19,7 @@ from helpers import (
     Hosts,
     Iperf,
     daemon,
+    loopback_namespace,
     netns_cookie,
     ns_prefix,
     read_sysctl,
@@ -108,19 +106,6 @@ def test_global_hand_back_reloads_the_tuner_with_the_administrators_values_as_ba
     assert values(read_sysctl(RMEM, hosts.ns)) == squeezed[hosts.ns][RMEM]
 
 
-@contextlib.contextmanager
-def loopback_namespace():
-    name = f"bpftune-hb-{uuid.uuid4().hex[:6]}"
-    pyroute2_netns.create(name)
-    try:
-        with NetNS(name) as nsr:
-            (lo,) = nsr.link_lookup(ifname="lo")
-            nsr.link("set", index=lo, state="up")
-        yield name
-    finally:
-        pyroute2_netns.remove(name)
-
-
 def test_netns_hand_back_reenables_there_only_and_forgets_the_old_originals(tmp_path, sysctls,
                                                                             hosts):
     squeezed = squeeze_buffers(sysctls, hosts.ns)[RMEM]
@@ -128,7 +113,8 @@ def test_netns_hand_back_reenables_there_only_and_forgets_the_old_originals(tmp_
     admin = f"{squeezed[0]} {squeezed[1]} {squeezed[1] + 1}"
     iperf = Iperf(hosts.ns, hosts.ns_addr, port=IPERF_PORT)
     try:
-        with loopback_namespace() as other, daemon(tmp_path) as d:
+        name = f"bpftune-hb-{uuid.uuid4().hex[:6]}"
+        with loopback_namespace(name) as other, daemon(tmp_path) as d:
             iperf.run(None, seconds=2)  # the netns receives: its tcp_rmem grows
             assert wait_until(lambda: values(read_sysctl(RMEM, hosts.ns))[2] > squeezed[2])
             assert (RMEM, cookie) in {(r["tunable"], r["cookie"])
@@ -189,7 +175,7 @@ def test_tcp_conn_chooses_again_in_a_namespace_handed_back(tmp_path, hosts):
 
 
 # Refusals: one line on stderr, exit 1, and the daemon goes on as before.
-@pytest.fixture(scope="module")
+@pytest.fixture
 def handed_over_in_netns(tmp_path_factory):
     """A daemon (also on a TCP port) whose tcp_buffer is handed over in a test netns, and
     udp_buffer everywhere. Yields (daemon, hosts)."""

@@ -10,12 +10,12 @@ import time
 import uuid
 
 import pytest
-from pyroute2 import NetNS
 from pyroute2 import netns as pyroute2_netns
 
 from helpers import (
     Iperf,
     daemon,
+    loopback_namespace,
     netns_cookie,
     read_sysctl,
     recorded,
@@ -155,21 +155,6 @@ def test_an_administrator_taking_one_tunable_leaves_the_others_to_roll_back(tmp_
     assert values(read_sysctl(RMEM)) == squeezed[None][RMEM]
     assert values(read_sysctl(RMEM, hosts.ns)) == squeezed[hosts.ns][RMEM]
     assert read_sysctl("net.ipv4.tcp_moderate_rcvbuf") == "0"
-
-
-@contextlib.contextmanager
-def loopback_namespace(name: str):
-    """A namespace with only loopback, for traffic inside it; deleted on exit if the test
-    has not deleted it already."""
-    pyroute2_netns.create(name)
-    try:
-        with NetNS(name) as nsr:
-            (lo,) = nsr.link_lookup(ifname="lo")
-            nsr.link("set", index=lo, state="up")
-        yield name
-    finally:
-        with contextlib.suppress(OSError):
-            pyroute2_netns.remove(name)
 
 
 def grow_rmem_in(ns: str | None, port: int, squeezed: list[int]) -> None:
