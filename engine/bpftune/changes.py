@@ -26,10 +26,12 @@ from bpftune.advice import Advice, Recommendation
 from bpftune.log import log
 from bpftune.netns import Namespaces, NetnsError
 from bpftune.sysctl import SysctlError, Value, format_value
+from bpftune.verify import Windows
 
 if TYPE_CHECKING:
     from bpftune.audit import AuditTrail
     from bpftune.tuner import Tunable, Tuner
+    from bpftune.verify import Verifier
 
 GLOBAL = 0  # cookie used for the global (initial) network namespace in the ledger
 
@@ -110,6 +112,16 @@ def crash_point(name: str) -> None:
 
 
 _crash_counts: Counter[str] = Counter()
+
+
+@dataclass
+class Hold:
+    """A tunable reverted after a verdict: no change of it in that namespace until
+    ``until`` (time.monotonic()); ``reverts`` counts its reverts, each doubling the hold."""
+
+    tuner: str
+    until: float
+    reverts: int
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,10 @@ class Changes:
         self.run_start: dict[tuple[str, int], Value] = {}
         #: Where changes, rollbacks and hand-overs are recorded (set by the engine).
         self.audit: AuditTrail | None = None
+        #: Judges each change (bpftune.verify); None in advice mode and unit tests.
+        self.verifier: Verifier | None = None
+        #: Ledger keys reverted after a verdict, held (see Hold).
+        self.held: dict[tuple[str, int], Hold] = {}
 
     def ledger_cookie(self, tunable: Tunable, cookie: int) -> int:
         if not tunable.namespaced or self.namespaces.is_global(cookie):
@@ -286,37 +302,71 @@ class Changes:
             log.notice(f"Skipping update of '{tunable.name}' ; tuner '{tuner.name}' is "
                        f"disabled in netns (cookie {where})")
             return False
+        if (left := self.held_for((tunable.name, where))) > 0:
+            log.debug(f"holding '{tunable.name}' in {self.namespaces.name(where)} for "
+                      f"{left:.0f} s after a revert")
+            return False
         try:
             with self.namespaces.entered(where):
-                return self._apply_here(tuner, tunable, scenario, where, new, reason, expect)
+                changed = self._apply_here(tuner, tunable, scenario, where, new, reason,
+                                           expect)
         except NetnsError as e:
             log.debug(f"{tuner.name}: not changing '{tunable.name}': {e}")
             return False
+        if changed is not None:
+            if self.verifier is not None:
+                self.verifier.changed(tuner, tunable, scenario, cookie, where, *changed)
+            return True
+        return False
+
+    def held_for(self, key: tuple[str, int]) -> float:
+        """Seconds the ledger key is still held after a revert (0: not held)."""
+        hold = self.held.get(key)
+        return max(hold.until - time.monotonic(), 0.0) if hold else 0.0
 
     def _apply_here(self, tuner: Tuner, tunable: Tunable, scenario: int, where: int,
-                    new: Value, reason: str, expect: Value | None) -> bool:
+                    new: Value, reason: str, expect: Value | None
+                    ) -> tuple[Value, Value] | None:
+        """The change in the namespace entered: (old, new as read back) if it changed."""
         try:
             old = tunable.access.read(tunable.name, tunable.string)
         except SysctlError as e:
             log.debug(f"{tuner.name}: {e}")
-            return False
+            return None
         if expect is not None and old != expect:
             log.debug(f"{tuner.name}: stale proposal for '{tunable.name}' "
                       f"({format_value(expect)} is now {format_value(old)})")
-            return False
+            return None
         if not isinstance(new, str):
             new = self._within_ceiling(tuner, tunable, old, new)
             if len(new) == 3 and not ordered(new):
                 log.debug(f"{tuner.name}: refusing out-of-order '{tunable.name}' {new}")
-                return False
+                return None
         if new == old:
-            return False
+            return None
         if self.advice is not None:
             self.advise(tuner, tunable, scenario, where, old, new, reason)
-            return False
+            return None
+        written = self._write_recorded(tuner, tunable, where, old, new)
+        if written is None:
+            return None
+        readback = written
+        self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
+        self._log_change(tuner, tunable, scenario, where)
+        why = reason.format(old=format_value(old), new=format_value(readback))
+        log.notice(why)
+        extra = {} if readback == new else {"requested": new}
+        self._audit("change", tuner.name, tunable.name, where, old=old, new=readback,
+                    scenario=tuner.scenarios[scenario].name, reason=why, **extra)
+        return old, readback
+
+    def _write_recorded(self, tuner: Tuner, tunable: Tunable, where: int, old: Value,
+                        new: Value) -> Value | None:
+        """Announce ``new`` in the journal, write it, read it back and journal the record
+        (in the namespace entered): the value read back, if it changed."""
         record = self._announce(tuner, tunable, where, old, new)
         if record is None:
-            return False
+            return None
         crash_point("intent")
         try:
             tunable.access.write(tunable.name, new, old)
@@ -328,7 +378,7 @@ class Changes:
                 readback = tunable.access.read(tunable.name, tunable.string)
             except SysctlError as e:  # written or not: the announcement stays, see _announce
                 log.err(f"{tuner.name}: {e}")
-                return False
+                return None
         crash_point("written")
         if readback != new:
             # The kernel adjusted the value, or someone wrote it at the same moment: record
@@ -342,17 +392,59 @@ class Changes:
             record.current = _as_record_value(readback)
             record.changes += 1
             record.last_change = time.time()
-            self.scenario_counts[(tuner.name, tunable.name, scenario, where)] += 1
         self._journal(record)
         crash_point("recorded")
-        if changed:
-            self._log_change(tuner, tunable, scenario, where)
-            why = reason.format(old=format_value(old), new=format_value(readback))
-            log.notice(why)
-            extra = {} if readback == new else {"requested": new}
-            self._audit("change", tuner.name, tunable.name, where, old=old, new=readback,
-                        scenario=tuner.scenarios[scenario].name, reason=why, **extra)
-        return changed
+        return readback if changed else None
+
+    def revert(self, tuner: Tuner, tunable: Tunable, where: int, to: Value, expect: Value,
+               evidence: str, scenario: str | None = None) -> bool:
+        """Undo a change a verdict found harmful: write ``to`` back if the live value is
+        still ``expect`` (what bpftune set), then hold the tunable there. False if it was
+        not reverted (someone else changed it, or the write failed)."""
+        try:
+            with self.namespaces.entered(where):
+                return self._revert_here(tuner, tunable, where, to, expect, evidence, scenario)
+        except NetnsError as e:
+            log.debug(f"{tuner.name}: not reverting '{tunable.name}': {e}")
+            return False
+
+    def _revert_here(self, tuner: Tuner, tunable: Tunable, where: int, to: Value,
+                     expect: Value, evidence: str, scenario: str | None) -> bool:
+        ns = self._where_text(where)
+        try:
+            live = tunable.access.read(tunable.name, tunable.string)
+        except SysctlError as e:
+            log.debug(f"{tuner.name}: {e}")
+            return False
+        if live != expect:
+            log.notice(f"Not reverting '{tunable.name}' in {ns}: it is now "
+                       f"({format_value(live)}), not the ({format_value(expect)}) bpftune set")
+            return False
+        readback = self._write_recorded(tuner, tunable, where, live, to)
+        if readback is None:
+            return False
+        hold = self._hold(tuner.name, (tunable.name, where))
+        line = (f"Reverting '{tunable.name}' in {ns} from ({format_value(live)}) to "
+                f"({format_value(readback)}) ({tuner.name}): {evidence}; held for "
+                f"{hold:.0f} s")
+        log.notice(line)
+        self._audit("revert", tuner.name, tunable.name, where, old=live, new=readback,
+                    scenario=scenario, reason=line, verdict="reverted")
+        return True
+
+    def _hold(self, tuner_name: str, key: tuple[str, int]) -> float:
+        """Hold ``key`` after a revert; returns for how long (doubled per revert)."""
+        before = self.held.get(key)
+        reverts = before.reverts + 1 if before else 1
+        windows = self.verifier.windows if self.verifier else Windows()
+        seconds = windows.hold_for(reverts)
+        self.held[key] = Hold(tuner_name, time.monotonic() + seconds, reverts)
+        return seconds
+
+    def _where_text(self, cookie: int) -> str:
+        if cookie == GLOBAL:
+            return "global ns"
+        return f"netns '{self.namespaces.name(cookie)}'"
 
     @staticmethod
     def _within_ceiling(tuner: Tuner, tunable: Tunable, old: Value, new: Value) -> Value:
@@ -477,6 +569,7 @@ class Changes:
         for key in [k for k in self.scenario_counts if k[3] == cookie]:
             self.departed_counts[key[:3]] += self.scenario_counts.pop(key)
         self.manual = {m: t for m, t in self.manual.items() if m[1] != cookie}
+        self.held = {k: h for k, h in self.held.items() if k[1] != cookie}
 
     def _forget(self, key: tuple[str, int]) -> None:
         """Drop a record, in the journal too (so that the next start agrees)."""
@@ -495,6 +588,8 @@ class Changes:
         if (tuner_name, cookie) in self.manual:
             return
         self.manual[(tuner_name, cookie)] = time.monotonic()
+        if self.verifier is not None:
+            self.verifier.cancel(tuner_name, cookie, "handed over to the administrator")
         ours = self.records.get((tunable, cookie)) if tunable else None
         self._audit("hand_over", tuner_name, tunable, cookie,
                     old=ours.current if ours else None, new=new, reason=reason)
@@ -515,6 +610,9 @@ class Changes:
         there are dropped, so that its next change records the live value as the original,
         and -R never restores what was there before the administrator took over."""
         self.manual.pop((tuner_name, cookie), None)
+        # Its holds there go too: the administrator's values are the new baseline.
+        self.held = {k: h for k, h in self.held.items()
+                     if not (h.tuner == tuner_name and k[1] == cookie)}
         for key in [k for k, r in self.records.items()
                     if r.tuner == tuner_name and k[1] == cookie]:
             self._forget(key)

@@ -36,6 +36,7 @@ from bpftune.paths import AUDIT_FILE, DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_D
 from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError, Value, format_value
 from bpftune.tuner import Strategy, Tuner, TunerState, choose_strategy
+from bpftune.verify import Verifier, VerifyError, Windows, all_figures
 
 POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
 TICK_SECONDS = 1.0
@@ -79,6 +80,8 @@ class Engine:
         self._lock_fd: int | None = None
         self.query_server: QueryServer | None = None
         self.netns_watch: NetnsWatch | None = None
+        #: Judges every change (bpftune.verify); None in advice mode.
+        self.verifier: Verifier | None = None
         # Held while events and ticks change state, and while a query reads it.
         self.lock = threading.RLock()
 
@@ -95,6 +98,12 @@ class Engine:
         self.changes = Changes(self.namespaces, StateFile(self.options.state_dir, mode),
                                advise=self.options.advise)
         self.changes.audit = self.audit
+        if not self.options.advise:  # nothing changes, so nothing to verify
+            try:
+                windows = Windows.from_env()
+            except VerifyError as e:
+                raise StartError(str(e)) from None
+            self.verifier = self.changes.verifier = Verifier(self.changes, (), windows)
         self.changes.adopt_leftovers()
         try:
             ensure_tracefs()
@@ -108,6 +117,8 @@ class Engine:
         self.load(plugins.discover(self.options.allow, self.options.plugin_dir))
         if not self.active_tuners():
             raise StartError("no tuners could be loaded")
+        if self.verifier is not None:
+            self.verifier.use_figures(all_figures(self.tuners))
         for tuner in self.active_tuners():
             tuner.started()
         self.programs.loading_done()
@@ -299,6 +310,8 @@ class Engine:
                 # Only namespaces bpftune can enter are acted on, and those are forgotten
                 # when they are destroyed: no per-namespace state for others.
                 self.namespaces.ensure(event.netns_cookie, event.pid)
+                if self.verifier is not None:
+                    self.verifier.warm(event.netns_cookie)
             tuner.handle(event)
         except NetnsError as e:  # the namespace went away while we acted on it
             log.debug(f"{tuner.name}: {e}")
@@ -328,6 +341,11 @@ class Engine:
                     log.err(f"{tuner.name}: error switching strategies: {e!r}")
                 finally:
                     tuner.arm_strategy_timeout(now)  # the (new) current strategy's timeout
+        if self.verifier is not None:
+            try:  # after the tuners: a change made in this tick starts its window here
+                self.verifier.tick(now)
+            except Exception as e:
+                log.err(f"error verifying changes: {e!r}")
         self.namespaces.rescan_if_wanted()
         self.changes.forget_unknown_hand_overs(self.namespaces.last_full_scan)
         self.announce_new_namespaces()
@@ -407,6 +425,8 @@ class Engine:
                 except Exception as e:
                     log.err(f"{tuner.name}: error forgetting netns {cookie}: {e!r}")
             self.correlations.forget(cookie)
+            if self.verifier is not None:
+                self.verifier.forget_netns(cookie)
             self.changes.forget_netns(cookie)
 
     def table_sizes(self) -> dict[str, int]:
@@ -415,8 +435,11 @@ class Engine:
             "records": len(self.changes.records),
             "scenario_counts": len(self.changes.scenario_counts),
             "manual": len(self.changes.manual),
+            "held": len(self.changes.held),
             "correlations": len(self.correlations),
         }
+        if self.verifier is not None:
+            sizes |= self.verifier.table_sizes()
         for tuner in self.tuners:
             sizes |= {f"{tuner.name}.{k}": n for k, n in tuner.table_sizes().items()}
         return sizes
@@ -559,6 +582,9 @@ class Engine:
             log.err(f"{tuner.name}: error finishing: {e!r}")
         for line in tuner.summarize() + self.changes.summary(tuner):
             log.notice(line)
+        if self.verifier is not None:  # before a rollback changes what they judge
+            self.verifier.cancel(tuner.name, None, "daemon stopping"
+                                 if state is TunerState.INACTIVE else "tuner stopped")
         if self.options.rollback:
             self.changes.rollback(tuner.name)
         self._unload_bpf(tuner)

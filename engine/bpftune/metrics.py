@@ -44,6 +44,7 @@ DAEMON = {name: f"{PREFIX}.daemon.{name}" for name in (
     "events.dropped", "bpf.programs", "cpu", "rss", "advise")}
 TUNER = {name: f"{PREFIX}.tuner.{name}" for name in (
     "state", "state_code", "strategy", "changes", "scenarios", "manual_netns",
-    "strategy_evaluation", "advice")}
+    "strategy_evaluation", "advice", "verdict.kept", "verdict.reverted",
+    "verdict.inconclusive", "verifying", "held")}
 ADVICE = {name: f"{PREFIX}.advice.{name}" for name in (
     "proposed", "current", "proposals", "last", "command")}

@@ -278,6 +278,10 @@ class Namespaces:
             new, self._new = self._new, []
             return new
 
+    def cookies(self) -> list[int]:
+        """Every namespace known now, in the order they were found."""
+        return list(self._by_cookie)
+
     def tracked(self, cookie: int) -> bool:
         """Whether the namespace was found and has not been destroyed since (its path may
         be stale for a moment)."""

@@ -1,6 +1,18 @@
-"""Kernel counters from /proc/net (read in whatever netns the calling thread is in)."""
+"""Kernel counters from /proc/net (read in whatever netns the calling thread is in), and
+the global ones (softnet_stat, CPU wait, neighbour caches) the tuners and the verifier of
+changes (bpftune.verify) share."""
 
 from __future__ import annotations
+
+import contextlib
+import time
+
+SOFTNET_STAT = "/proc/net/softnet_stat"
+SCHEDSTAT = "/proc/schedstat"
+CPU_PRESSURE = "/proc/pressure/cpu"
+# /proc/net follows the thread-group leader's namespace; this follows the calling thread's
+# (the verifier reads namespaces it entered with setns).
+THREAD_NET = "/proc/thread-self/net"
 
 
 def _pairs(path: str) -> dict[str, int]:
@@ -18,6 +30,89 @@ def _pairs(path: str) -> dict[str, int]:
 def counters() -> dict[str, int]:
     """TcpExt/IpExt (netstat) and Ip/Tcp/Udp (snmp) counters, e.g. ``TcpExt:SyncookiesRecv``."""
     return _pairs("/proc/net/netstat") | _pairs("/proc/net/snmp")
+
+
+def snmp6_counters(path: str = f"{THREAD_NET}/snmp6") -> dict[str, int]:
+    """IPv6 counters of the calling thread's namespace (``name value`` lines)."""
+    counters = {}
+    with open(path) as f:
+        for line in f:
+            name, value = line.split()
+            counters[name] = int(value)
+    return counters
+
+
+def thread_counters() -> dict[str, int]:
+    """netstat, snmp and (where IPv6 is) snmp6 counters of the calling thread's netns."""
+    found = _pairs(f"{THREAD_NET}/netstat") | _pairs(f"{THREAD_NET}/snmp")
+    with contextlib.suppress(OSError):  # no IPv6: no file
+        found |= snmp6_counters()
+    return found
+
+
+def softnet_columns() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (packets processed, dropped for a full backlog, NAPI cycles that ended with
+    work left), the first three hex columns; CPUs are numbered in the 13th column."""
+    per_cpu = {}
+    with open(SOFTNET_STAT) as f:
+        for number, line in enumerate(f):
+            fields = line.split()
+            cpu = int(fields[12], 16) if len(fields) > 12 else number
+            per_cpu[cpu] = (int(fields[0], 16), int(fields[1], 16), int(fields[2], 16))
+    return per_cpu
+
+
+def softnet_totals() -> dict[str, int]:
+    columns = list(zip(*softnet_columns().values(), strict=True)) or [(), (), ()]
+    return {f"softnet:{name}": sum(values)
+            for name, values in zip(("processed", "dropped", "squeezed"), columns, strict=True)}
+
+
+def schedstat_wait(path: str = SCHEDSTAT) -> tuple[int, int]:
+    """(ns tasks waited for a CPU, ns they ran or waited), summed over CPUs: fields 7 and 8
+    after ``cpuN``. Only kernels with CONFIG_SCHEDSTATS have the file."""
+    run = wait = 0
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if fields[0].startswith("cpu") and len(fields) > 8:
+                run, wait = run + int(fields[7]), wait + int(fields[8])
+    return wait, run + wait
+
+
+def psi_cpu_wait(path: str = CPU_PRESSURE) -> tuple[int, int]:
+    """(us some task waited for a CPU, us elapsed): PSI, where schedstat is missing (as on
+    kernels built without CONFIG_SCHEDSTATS)."""
+    with open(path) as f:
+        some = f.readline().split()
+    total = int(next(w for w in some if w.startswith("total=")).split("=")[1])
+    return total, time.monotonic_ns() // 1000
+
+
+def cpu_wait_totals() -> dict[str, int]:
+    """Cumulative CPU wait and elapsed (run + wait) time, from schedstat or else PSI."""
+    for source in (schedstat_wait, psi_cpu_wait):
+        try:
+            wait, total = source()
+        except (OSError, ValueError, StopIteration):
+            continue
+        return {"sched:wait": wait, "sched:total": total}
+    return {}
+
+
+def neigh_cache_totals() -> dict[str, int]:
+    """allocs and table_fulls of the ARP and NDISC caches (/proc/net/stat, hex, a row per
+    CPU), summed: e.g. ``arp_cache:table_fulls``."""
+    found: dict[str, int] = {}
+    for cache in ("arp_cache", "ndisc_cache"):
+        with contextlib.suppress(OSError), open(f"/proc/net/stat/{cache}") as f:
+            header = f.readline().split()
+            for line in f:
+                for name, value in zip(header, line.split(), strict=False):
+                    if name in ("allocs", "table_fulls"):
+                        key = f"{cache}:{name}"
+                        found[key] = found.get(key, 0) + int(value, 16)
+    return found
 
 
 def memory_pages(protocol: str) -> int:

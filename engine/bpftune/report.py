@@ -86,6 +86,12 @@ class Snapshot:
     #: Advice mode: the recommendations (copies); None when the daemon tunes.
     advice: tuple[Recommendation, ...] | None = None
     audit: AuditTrail | None = None  # read (its file, not memory) by ``history``
+    #: Verified changes (bpftune.verify): the windows, or why there are none...
+    verification: dict | str = "off"
+    #: ...per tuner its verdict counts, open verifications and holds...
+    verifying: dict[str, dict] = field(default_factory=dict)
+    #: ...and per ledger key the last verdict.
+    verdicts: dict[tuple[str, int], dict] = field(default_factory=dict)
 
     @property
     def generation(self) -> tuple[int, ...]:
@@ -154,7 +160,22 @@ def snapshot(engine: Engine, *, summaries: bool = False) -> Snapshot:
             tables=engine.table_sizes(), unloaded=dict(engine.unloaded),
             advice=None if changes.advice is None else tuple(
                 copy.deepcopy(r) for r in changes.advice.ordered()),
-            audit=engine.audit)
+            audit=engine.audit, **_verification(engine))
+
+
+def _verification(engine: Engine) -> dict:
+    verifier, changes = engine.verifier, engine.changes
+    if verifier is None:
+        return {"verification": "off (advice mode)" if changes.advice is not None else "off"}
+    now_mono, now = time.monotonic(), time.time()
+    per_tuner = {t.name: verifier.tuner_state(t.name) | {"held": []} for t in engine.tuners}
+    for (tunable, cookie), hold in changes.held.items():
+        if hold.until > now_mono and hold.tuner in per_tuner:
+            per_tuner[hold.tuner]["held"].append(
+                {"tunable": tunable, "netns": engine.namespaces.name(cookie),
+                 "until": now + hold.until - now_mono, "reverts": hold.reverts})
+    return {"verification": verifier.snapshot(), "verifying": per_tuner,
+            "verdicts": {k: v.as_dict() for k, v in verifier.last.items()}}
 
 
 def _quoted(value: Value) -> str:
@@ -261,6 +282,8 @@ def _tunable_state(snap: Snapshot, tuner: TunerView, t: Tunable,
             "changes": record.changes if record else 0,
             "last_change": record.last_change if record else None,
         }
+        if (verdict := snap.verdicts.get((t.name, cookie))) is not None:
+            netns[str(cookie)]["verdict"] = verdict
     return {"name": t.name, "type": "string" if t.string else "integer", "values": t.values,
             "metrics": tunable_metrics(tuner.name, t.name),
             "positions": list(t.position_names()), "unit": t.unit, "namespaced": t.namespaced,
@@ -280,6 +303,7 @@ def _tuner_state(snap: Snapshot, tuner: TunerView, live: dict[int, dict[str, Val
         "state": tuner.state,
         "manual_netns": sorted(c for (name, c) in snap.manual if name == tuner.name),
         "advice": sum(r.tuner == tuner.name for r in snap.advice or ()),
+        **snap.verifying.get(tuner.name, {}),
         "strategy": tuner.strategy,
         "strategies": [{"name": s.name, "description": s.description, "timeout": s.timeout,
                         "evaluation": tuner.strategy_evaluations.get(s.name)}
@@ -347,6 +371,7 @@ def state(snap: Snapshot) -> str:
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "rss_bytes": _rss_bytes(),
         "mode": "tune" if snap.advice is None else "advise",
+        "verification": snap.verification,
     }
     netns = {str(c): {"name": snap.netns_names[c], "global": c == GLOBAL} for c in snap.cookies}
     live = _live_values.get(snap)

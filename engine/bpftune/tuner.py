@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from bpftune.engine import Engine
     from bpftune.events import Event
     from bpftune.learning import LearningRate
+    from bpftune.verify import Figure
 
 
 PLUGIN_CLUSTERS, PLUGIN_CLUSTER_RANGE = 200, 1800
@@ -65,6 +66,9 @@ class Tunable:
     #: For a string tunable its BPF program compares against: the number it stands for
     #: (e.g. a hex cpumask), as published in tunable_values.
     as_number: Callable[[str], int] | None = None
+    #: The key figures a change of it is verified with (bpftune.verify): watched in the
+    #: namespace of the change for a window after it, and reverted if one clearly worsens.
+    figures: tuple[Figure, ...] = ()
 
     def position_names(self) -> tuple[str, ...]:
         return self.positions or tuple(str(i) for i in range(self.values))
@@ -80,6 +84,9 @@ class Scenario:
     #: It happens per connection in normal operation (tcp_conn's choices): no pmie rule
     #: alarms on it repeating.
     routine: bool = False
+    #: Its changes are verified (bpftune.verify). False for scenarios that trade a figure
+    #: on purpose or undo an emergency: judging them by those figures would undo them.
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -360,6 +367,17 @@ class Tuner:
     def handed_back(self, cookie: int) -> None:
         """The administrator gave the namespace ``cookie`` back (``bpftune -E``): undo what
         ``handed_over`` did there."""
+
+    def figures(self, tunable: Tunable, scenario: int) -> tuple[Figure, ...]:
+        """What a change of ``tunable`` for ``scenario`` is verified with (none: no
+        verification, no verdict)."""
+        return tunable.figures if self.scenarios[scenario].verify else ()
+
+    def reverted(self, tunable: Tunable, cookie: int) -> None:
+        """A change of ``tunable`` in ``cookie`` was reverted after its verdict: the BPF
+        program sees the restored global value."""
+        if not tunable.namespaced or cookie == 0:
+            self.publish_values(tunable)
 
     def table_sizes(self) -> dict[str, int]:
         """Sizes of the tuner's per-namespace tables (see ``Engine.table_sizes``)."""

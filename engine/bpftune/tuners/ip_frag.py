@@ -25,8 +25,10 @@ from bpftune.events import Event
 from bpftune.hooks import Watch, fentry, raw_tp
 from bpftune.log import log
 from bpftune.memory import total_ram_bytes
+from bpftune.procnet import snmp6_counters
 from bpftune.sysctl import SysctlError
 from bpftune.tuner import Scenario, Tunable, Tuner
+from bpftune.verify import REASM6_FAILS, REASM_FAILS
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -68,16 +70,6 @@ def kallsyms_ranges(path: str = KALLSYMS) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def snmp6_counters(path: str = "/proc/thread-self/net/snmp6") -> dict[str, int]:
-    """IPv6 counters of the calling thread's namespace (``name value`` lines)."""
-    counters = {}
-    with open(path) as f:
-        for line in f:
-            name, value = line.split()
-            counters[name] = int(value)
-    return counters
-
-
 class IpFragTuner(Tuner):
     name = "ip_frag"
     pmda_cluster = 16
@@ -102,9 +94,11 @@ class IpFragTuner(Tuner):
     # (reference section 9, item 1), so a container's reassembly failures changed the
     # host's limit and never its own. Each namespace has its own limit: we write there.
     HIGH_THRESH = Tunable("net.ipv4.ipfrag_high_thresh", namespaced=True, ceiling=_ceiling,
-                          unit="bytes")
+                          unit="bytes",
+                          figures=(REASM_FAILS,))
     HIGH_THRESH6 = Tunable("net.ipv6.ip6frag_high_thresh", namespaced=True, optional=True,
-                           ceiling=_ceiling, unit="bytes")
+                           ceiling=_ceiling, unit="bytes",
+                           figures=(REASM6_FAILS,))
     NEED_INCREASE = Scenario("need to increase IP fragmentation high threshold",
                              "this allows additional memory to be used to accommodate more "
                              "defragmentation.")
@@ -113,7 +107,8 @@ class IpFragTuner(Tuner):
                              "correlation in reassembly failures; this indicates that we "
                              "received more invalid fragments as we added memory to process "
                              "them.  As such, further increases are likely to be ineffective "
-                             "so reduce high threshold.")
+                             "so reduce high threshold.",
+        verify=False)
     #: The low threshold of each: the kernel refuses a high threshold below it.
     LOW_THRESH: ClassVar[dict[str, str]] = {
         "net.ipv4.ipfrag_high_thresh": "net.ipv4.ipfrag_low_thresh",

@@ -31,6 +31,7 @@ from bpftune.log import log
 from bpftune.memory import total_ram_bytes
 from bpftune.sysctl import INT_MAX, SysctlError
 from bpftune.tuner import Published, Scenario, Tunable, Tuner
+from bpftune.verify import ARP_REFUSALS, NDISC_REFUSALS
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -122,9 +123,11 @@ class NeighTableTuner(Tuner):
     # and written over netlink (bpftune.access.NeighTable): one decision, one ledger
     # entry, one rollback. A write to any of the gc_thresh sysctls hands the tuner over.
     ARP = Tunable("net.ipv4.neigh.default.gc_thresh", values=3, positions=POSITIONS,
-                  ceiling=_ceiling, access=NeighTable(socket.AF_INET))
+                  ceiling=_ceiling, access=NeighTable(socket.AF_INET),
+                  figures=(ARP_REFUSALS,))
     NDISC = Tunable("net.ipv6.neigh.default.gc_thresh", values=3, positions=POSITIONS,
-                    optional=True, ceiling=_ceiling, access=NeighTable(socket.AF_INET6))
+                    optional=True, ceiling=_ceiling, access=NeighTable(socket.AF_INET6),
+                    figures=(NDISC_REFUSALS,))
     NEARLY_FULL = Scenario("neighbour table nearly full",
                            "neighbour table is nearly full, preventing new entries from being "
                            "added.")

@@ -18,6 +18,7 @@ import re
 import time
 from typing import TYPE_CHECKING, ClassVar
 
+from bpftune import procnet
 from bpftune.changes import GLOBAL, due_to
 from bpftune.events import Event
 from bpftune.hooks import Watch, raw_tp
@@ -25,13 +26,13 @@ from bpftune.log import log
 from bpftune.memory import total_ram_bytes
 from bpftune.sysctl import SysctlError
 from bpftune.tuner import Published, Scenario, Tunable, Tuner
+from bpftune.verify import BACKLOG_DROPS, CPU_WAIT, TIME_SQUEEZES
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
 
-SOFTNET_STAT = "/proc/net/softnet_stat"
-SCHEDSTAT = "/proc/schedstat"
-CPU_PRESSURE = "/proc/pressure/cpu"
+
+SCHEDSTAT, CPU_PRESSURE = procnet.SCHEDSTAT, procnet.CPU_PRESSURE  # tests point them elsewhere
 
 # Upstream's limit for netdev_budget_usecs: a softirq that may poll for 50 ms keeps every
 # task on that CPU waiting that long. Upstream reached ~300 ms on a Kubernetes node
@@ -89,14 +90,9 @@ def format_cpumask(mask: int, like: str) -> str:
 
 def softnet_stat() -> dict[str, tuple[int, int]]:
     """Per CPU: (packets dropped for a full backlog, NAPI cycles that ended with work left),
-    the second and third hex columns; CPUs are numbered in the last column."""
-    per_cpu = {}
-    with open(SOFTNET_STAT) as f:
-        for number, line in enumerate(f):
-            fields = line.split()
-            cpu = int(fields[12], 16) if len(fields) > 12 else number
-            per_cpu[f"cpu{cpu}"] = (int(fields[1], 16), int(fields[2], 16))
-    return per_cpu
+    the second and third hex columns of softnet_stat."""
+    return {f"cpu{cpu}": (dropped, squeezed)
+            for cpu, (_, dropped, squeezed) in procnet.softnet_columns().items()}
 
 
 def time_squeezes() -> int:
@@ -105,24 +101,11 @@ def time_squeezes() -> int:
 
 
 def _schedstat() -> tuple[int, int]:
-    """(ns tasks waited for a CPU, ns they ran or waited), summed over CPUs: fields 7 and 8
-    after ``cpuN``. Only kernels with CONFIG_SCHEDSTATS have the file."""
-    run = wait = 0
-    with open(SCHEDSTAT) as f:
-        for line in f:
-            fields = line.split()
-            if fields[0].startswith("cpu") and len(fields) > 8:
-                run, wait = run + int(fields[7]), wait + int(fields[8])
-    return wait, run + wait
+    return procnet.schedstat_wait(SCHEDSTAT)
 
 
 def _cpu_pressure() -> tuple[int, int]:
-    """(us some task waited for a CPU, us elapsed): PSI, where schedstat is missing (as on
-    kernels built without CONFIG_SCHEDSTATS)."""
-    with open(CPU_PRESSURE) as f:
-        some = f.readline().split()
-    total = int(next(w for w in some if w.startswith("total=")).split("=")[1])
-    return total, time.monotonic_ns() // 1000
+    return procnet.psi_cpu_wait(CPU_PRESSURE)
 
 
 class WaitShare:
@@ -179,13 +162,17 @@ class NetBufferTuner(Tuner):
     )
     # Tunables (all global: the queues and budgets are per CPU, not per namespace); the
     # attribute names are the TUNABLE_* ids in bpf/net_buffer.bpf.c.
-    MAX_BACKLOG = Tunable("net.core.netdev_max_backlog", ceiling=_backlog_ceiling)
+    MAX_BACKLOG = Tunable("net.core.netdev_max_backlog", ceiling=_backlog_ceiling,
+                          figures=(BACKLOG_DROPS,))
     # A hex cpumask; BPF sees the first 63 CPUs' bits as a number.
     FLOW_LIMIT_CPU_BITMAP = Tunable("net.core.flow_limit_cpu_bitmap", string=True,
                                     ceiling=_all_cpus,
-                                    as_number=lambda t: parse_cpumask(t) & ((1 << 63) - 1))
-    BUDGET = Tunable("net.core.netdev_budget", ceiling=lambda: (BUDGET_CEILING,))
-    BUDGET_USECS = Tunable("net.core.netdev_budget_usecs", ceiling=lambda: (USECS_CAP,))
+                                    as_number=lambda t: parse_cpumask(t) & ((1 << 63) - 1),
+                                    figures=(BACKLOG_DROPS,))
+    BUDGET = Tunable("net.core.netdev_budget", ceiling=lambda: (BUDGET_CEILING,),
+                     figures=(TIME_SQUEEZES, CPU_WAIT))
+    BUDGET_USECS = Tunable("net.core.netdev_budget_usecs", ceiling=lambda: (USECS_CAP,),
+                           figures=(TIME_SQUEEZES, CPU_WAIT))
     # Also tcp_buffer's (it sets 1 near TCP memory exhaustion and undoes that): as upstream,
     # one administrator write hands both tuners over.
     HIGH_ORDER_ALLOC_DISABLE = Tunable("net.core.high_order_alloc_disable", optional=True,
@@ -206,12 +193,14 @@ class NetBufferTuner(Tuner):
         "versus time spent running for tasks has increased as we have increased netdev "
         "budget.  This indicates either our budget increases directly let to increased wait "
         "times for other tasks, or that general load has increased; either way spending too "
-        "much time in NAPI processing will hurt system performance.")
+        "much time in NAPI processing will hurt system performance.",
+        verify=False)
     ENABLE_HIGH_ORDER = Scenario(
         "need to enable high-order allocation for skb page frags",
         "Before Linux 5.14, disabling high-order allocations for skb page frags avoided "
         "contention on the page allocator's zone lock; since then page frags come from "
-        "per-CPU caches, so disabling them only costs performance")
+        "per-CPU caches, so disabling them only costs performance",
+        verify=False)
     BUDGET_REASON = "To maximize # packets processed per NAPI cycle, change {name} from " \
                     "({{old}}) -> ({{new}})"
 

@@ -24,6 +24,7 @@ from bpftune.log import log
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
+from bpftune.verify import RCV_PRUNE, RETRANS, SYN_REFUSED, TCP_MEM_PRESSURE
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -112,12 +113,15 @@ class TcpBufferTuner(Tuner):
     }
     # Tunables; the attribute names are the TUNABLE_* ids in bpf/tcp_buffer.bpf.c.
     WMEM = Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
-                   positions=BUFFER, unit="bytes")
+                   positions=BUFFER, unit="bytes", figures=(RETRANS, TCP_MEM_PRESSURE))
     RMEM = Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
-                   positions=BUFFER, unit="bytes")
+                   positions=BUFFER, unit="bytes",
+                   figures=(RETRANS, RCV_PRUNE, TCP_MEM_PRESSURE))
     MEM = Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling,
-                  positions=("min", "pressure", "max"), unit="pages")
-    MODERATE_RCVBUF = Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag)
+                  positions=("min", "pressure", "max"), unit="pages",
+                  figures=(TCP_MEM_PRESSURE, RETRANS))
+    MODERATE_RCVBUF = Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag,
+                              figures=(RETRANS, RCV_PRUNE, TCP_MEM_PRESSURE))
     NO_METRICS_SAVE = Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag)
     NO_SSTHRESH_METRICS_SAVE = Tunable("net.ipv4.tcp_no_ssthresh_metrics_save",
                                        namespaced=True, optional=True, ceiling=_flag)
@@ -127,16 +131,19 @@ class TcpBufferTuner(Tuner):
     # Upstream declares this one with a wrong type, so never reads it; we do.
     SYNCOOKIES = Tunable("net.ipv4.tcp_syncookies", namespaced=True, ceiling=lambda: (2,))
     MAX_SYN_BACKLOG = Tunable("net.ipv4.tcp_max_syn_backlog", namespaced=True,
-                              ceiling=lambda: (SYN_BACKLOG_CEILING,))
+                              ceiling=lambda: (SYN_BACKLOG_CEILING,),
+                              figures=(SYN_REFUSED, TCP_MEM_PRESSURE))
     MAX_ORPHANS = Tunable("net.ipv4.tcp_max_orphans")
     # Scenarios; the attribute names are the SCENARIO_* ids in bpf/tcp_buffer.bpf.c.
     NEED_INCREASE = Scenario("need to increase TCP buffer size(s)",
                              "Need to increase buffer size(s) to maximize throughput")
     NEED_DECREASE = Scenario("need to decrease TCP buffer size(s)",
-                             "Need to decrease buffer size(s) to reduce memory utilization")
+                             "Need to decrease buffer size(s) to reduce memory utilization",
+        verify=False)
     LATENCY = Scenario("need to decrease TCP buffer size due to latency",
                        "Latency is starting to correlate with buffer size increases, so "
-                       "decrease buffer size to avoid this effect")
+                       "decrease buffer size to avoid this effect",
+        verify=False)
     MEM_PRESSURE = Scenario("approaching TCP memory pressure",
                             "Since memory pressure/exhaustion are unstable system states, "
                             "adjust tcp memory-related tunables")
@@ -149,11 +156,13 @@ class TcpBufferTuner(Tuner):
     ENTER_LOW_MEMORY = Scenario("set tunable on entering low-memory state",
                                 "In low-memory situations, avoid activities like skb high "
                                 "order allocations, per-path TCP metric collection which can "
-                                "lead to overheads")
+                                "lead to overheads",
+        verify=False)
     LEAVE_LOW_MEMORY = Scenario("unset tunable set earlier in low-memory state",
                                 "Due to easing of memory strain, unset tunables to allow skb "
                                 "high order allocations, (re)-enable TCP metrics collection "
-                                "etc")
+                                "etc",
+        verify=False)
     SYN_BACKLOG_INCREASE = Scenario(
         "increase maximum syn backlog under load since syncookies are disabled",
         "Due to the fact that syncookies are disabled and we are seeing a large number of "
@@ -162,15 +171,18 @@ class TcpBufferTuner(Tuner):
         "decrease maximum syn backlog due to large numbers of uncompleted connections",
         "A large number of connection requests (SYNs) uncorrelated with connection "
         "establishment suggest a more cautious approach to handling pending connections to "
-        "avoid Denial of Service attacks")
+        "avoid Denial of Service attacks",
+        verify=False)
     # Upstream spells this "furthern"; a scenario name is user-facing text, so fixed.
     ENABLE_SYNCOOKIES = Scenario(
         "enable syncookies as further SYN backlog increases do not help",
         "SYN flood conditions have been detected, but further increases to SYN backlog are "
-        "not advisable; try using syncookies instead")
+        "not advisable; try using syncookies instead",
+        verify=False)
     DISABLE_SYNCOOKIES = Scenario(
         "disable syncookies as they are ineffective",
-        "TCP syncookies are not effective; none have been validated successfully")
+        "TCP syncookies are not effective; none have been validated successfully",
+        verify=False)
     LOW_MEMORY_FLAGS = (NO_METRICS_SAVE, NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE)
 
     def __init__(self, engine: Engine, tuner_id: int) -> None:

@@ -24,6 +24,8 @@ from bpftune.hooks import Watch, raw_tp
 from bpftune.log import log
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.tuner import Scenario, Tunable, Tuner
+from bpftune.verify import UDP_MEM as UDP_MEM_DROPS
+from bpftune.verify import UDP_RCVBUF
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -92,15 +94,18 @@ class UdpBufferTuner(Tuner):
     }
     # Tunables; the attribute names are the TUNABLE_* ids in bpf/udp_buffer.bpf.c.
     UDP_MEM = Tunable("net.ipv4.udp_mem", 3, ceiling=_udp_mem_ceiling,
-                      positions=("min", "pressure", "max"), unit="pages")
-    RMEM_MAX = Tunable("net.core.rmem_max", ceiling=_buffer_ceiling, unit="bytes")
-    RMEM_DEFAULT = Tunable("net.core.rmem_default", ceiling=_buffer_ceiling, unit="bytes")
+                      positions=("min", "pressure", "max"), unit="pages", figures=(UDP_MEM_DROPS,))
+    RMEM_MAX = Tunable("net.core.rmem_max", ceiling=_buffer_ceiling, unit="bytes",
+                       figures=(UDP_RCVBUF,))
+    RMEM_DEFAULT = Tunable("net.core.rmem_default", ceiling=_buffer_ceiling, unit="bytes",
+                           figures=(UDP_RCVBUF,))
     # Scenarios; the attribute names are the SCENARIO_* ids in bpf/udp_buffer.bpf.c.
     NEED_INCREASE = Scenario("need to increase UDP buffer size(s)",
                              "Need to increase buffer size(s) to maximize throughput and "
                              "reduce loss")
     NEED_DECREASE = Scenario("need to decrease UDP buffer size(s)",
-                             "Need to decrease buffer size(s) to reduce memory utilization")
+                             "Need to decrease buffer size(s) to reduce memory utilization",
+        verify=False)
     MEM_PRESSURE = Scenario("approaching UDP memory pressure",
                             "Since memory pressure/exhaustion are unstable system states, "
                             "adjust UDP memory-related tunables")

@@ -1,0 +1,583 @@
+"""Verified changes: after a change, watch the figures it was meant to help or could hurt,
+in its namespace, and end it with a verdict: kept, reverted or inconclusive.
+
+Every figure is, per tick, Δnumerator / Δdenominator * scale (per second without a
+denominator), so that more or less traffic is not taken for harm. The before window is the
+ticks just before the change; the after window starts after the tick of the change and a
+grace tick. A figure worsens clearly when its after mean passes its before mean by more than
+K per-tick standard deviations and by more than its floors, with enough events behind it.
+A clear worsening reverts the change (through ``Changes.revert``) and holds the tunable.
+Design: notes/verified-changes-design.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from bpftune import procnet
+from bpftune.log import log
+from bpftune.netns import NetnsError
+from bpftune.sysctl import SysctlError, Value, format_value
+
+if TYPE_CHECKING:
+    from bpftune.changes import Changes
+    from bpftune.netns import Namespaces
+    from bpftune.tuner import Tunable, Tuner
+
+GLOBAL = 0
+MAX_SAMPLED = 32  # namespaces sampled besides the global one and those being verified
+HISTORY_ALPHA = 1 / 60  # long-run mean and variance of a figure, per active tick
+HISTORY_MIN_TICKS = 30  # active ticks before the long-run history may stand for a baseline
+ENV = "BPFTUNE_TEST_VERIFY"
+
+# Where a figure's counters come from.
+SNMP = "snmp"  # /proc/thread-self/net/{netstat,snmp,snmp6} of the scope
+SOFTNET = "softnet"  # /proc/net/softnet_stat (global)
+SCHED = "sched"  # schedstat or PSI (global)
+NEIGH = "neigh"  # /proc/net/stat/{arp,ndisc}_cache (global)
+
+READERS: dict[str, Callable[[], dict[str, int]]] = {
+    SNMP: procnet.thread_counters,
+    SOFTNET: procnet.softnet_totals,
+    SCHED: procnet.cpu_wait_totals,
+    NEIGH: procnet.neigh_cache_totals,
+}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A key figure: Σnum / Σper * scale per tick (per second when ``per`` is empty)."""
+
+    label: str
+    source: str
+    num: tuple[str, ...]
+    per: tuple[str, ...] = ()
+    scale: float = 1.0
+    #: A tick counts (is active) when these keys (default: ``per``) grew by activity_min.
+    activity: tuple[str, ...] = ()
+    activity_min: float = 0
+    scope: str = "netns"  # "netns": the namespace of the change; "global": only global
+    worse: str = "up"  # "up": a rise is harm; "down": a fall is
+    floor: float = 0.0  # the least change that can count as clear, absolute...
+    floor_rel: float = 0.0  # ...and relative to the before mean
+    min_events: float = 0  # Σnum over the after window needed for a clear worsening
+
+    def keys(self) -> set[str]:
+        return {*self.num, *self.per, *self.activity}
+
+    def tick(self, prev: dict[str, int], cur: dict[str, int], seconds: float) -> Tick:
+        def grew(keys: Iterable[str]) -> float:
+            return float(sum(max(cur.get(k, 0) - prev.get(k, 0), 0) for k in keys))
+
+        num = grew(self.num)
+        den = grew(self.per) if self.per else max(seconds, 1e-9)
+        if not all(k in cur and k in prev for k in self.num):
+            return Tick(0.0, 0.0, False)  # a counter this kernel (or scope) does not have
+        activity = grew(self.activity or self.per) if (self.activity or self.per) else den
+        return Tick(num, den, activity >= self.activity_min and den > 0, self.scale)
+
+
+@dataclass(frozen=True)
+class Tick:
+    num: float
+    den: float
+    active: bool
+    scale: float = 1.0
+
+    @property
+    def value(self) -> float:
+        return self.num / self.den * self.scale if self.den else 0.0
+
+
+# Figures shared by the tuners (design §1).
+RETRANS = Figure("retransmits/segment", SNMP, ("Tcp:RetransSegs",), ("Tcp:OutSegs",),
+                 activity_min=50, floor=0.005, floor_rel=0.5, min_events=10)
+RCV_PRUNE = Figure("rcv prune+collapse/1000 segs", SNMP,
+                   ("TcpExt:PruneCalled", "TcpExt:RcvPruned", "TcpExt:OfoPruned",
+                    "TcpExt:TCPRcvCollapsed", "TcpExt:TCPRcvQDrop"), ("Tcp:InSegs",),
+                   scale=1000, activity_min=50, floor=1, floor_rel=0.5, min_events=10)
+TCP_MEM_PRESSURE = Figure("TCP memory pressure ms/s", SNMP,
+                          ("TcpExt:TCPMemoryPressuresChrono",),
+                          activity=("Tcp:InSegs", "Tcp:OutSegs"), activity_min=50, floor=50)
+SYN_REFUSED = Figure("SYNs refused/1000", SNMP, ("TcpExt:ListenDrops",),
+                     ("Tcp:PassiveOpens", "TcpExt:ListenDrops"), scale=1000,
+                     activity_min=10, floor=10, min_events=10)
+_UDP_DATAGRAMS = ("Udp:InDatagrams", "Udp6InDatagrams")
+UDP_RCVBUF = Figure("UDP rcvbuf drops/1000", SNMP, ("Udp:RcvbufErrors", "Udp6RcvbufErrors"),
+                    (*_UDP_DATAGRAMS, "Udp:RcvbufErrors", "Udp6RcvbufErrors"), scale=1000,
+                    activity_min=50, floor=1, min_events=10)
+UDP_MEM = Figure("UDP memory drops/1000", SNMP, ("Udp:MemErrors", "Udp6MemErrors"),
+                 (*_UDP_DATAGRAMS, "Udp:MemErrors", "Udp6MemErrors"), scale=1000,
+                 activity_min=50, floor=1, min_events=10)
+BACKLOG_DROPS = Figure("backlog drops/1000 pkts", SOFTNET, ("softnet:dropped",),
+                       ("softnet:processed", "softnet:dropped"), scale=1000,
+                       activity_min=100, scope="global", floor=1, min_events=10)
+TIME_SQUEEZES = Figure("time squeezes/1000 pkts", SOFTNET, ("softnet:squeezed",),
+                       ("softnet:processed",), scale=1000, activity_min=100,
+                       scope="global", floor=1, min_events=10)
+CPU_WAIT = Figure("CPU wait %", SCHED, ("sched:wait",), ("sched:total",), scale=100,
+                  scope="global", floor=5, floor_rel=0.5)
+REASM_FAILS = Figure("reassembly failures/1000", SNMP, ("Ip:ReasmFails",), ("Ip:ReasmReqds",),
+                     scale=1000, activity_min=10, floor=10, min_events=10)
+REASM6_FAILS = Figure("IPv6 reassembly failures/1000", SNMP, ("Ip6ReasmFails",),
+                      ("Ip6ReasmReqds",), scale=1000, activity_min=10, floor=10, min_events=10)
+ARP_REFUSALS = Figure("neigh refusals/1000 allocs", NEIGH, ("arp_cache:table_fulls",),
+                      ("arp_cache:allocs",), scale=1000, activity_min=1, scope="global",
+                      floor=1, min_events=3)
+NDISC_REFUSALS = Figure("IPv6 neigh refusals/1000 allocs", NEIGH, ("ndisc_cache:table_fulls",),
+                        ("ndisc_cache:allocs",), scale=1000, activity_min=1, scope="global",
+                        floor=1, min_events=3)
+
+
+class VerifyError(ValueError):
+    """Bad ``BPFTUNE_TEST_VERIFY``: the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Ticks before and after a change, grace ticks skipped after the tick of the change,
+    the first hold (seconds), K and the least active ticks a window needs."""
+
+    before: int = 10
+    after: int = 10
+    grace: int = 1
+    hold: float = 600.0
+    k: float = 3.0
+    min_active: int = 3
+    max_hold: float = 3600.0
+
+    @classmethod
+    def from_env(cls, text: str | None = None) -> Windows:
+        """``BPFTUNE_TEST_VERIFY="before=4,after=4,grace=1,hold=30,min_active=2"`` (a test
+        hook: shorter windows)."""
+        text = os.environ.get(ENV, "") if text is None else text
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float] = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            name, _, raw = item.partition("=")
+            if name not in known:
+                raise VerifyError(f"{ENV}: unknown setting '{name}' (known: "
+                                  f"{', '.join(known)})")
+            try:
+                number = float(raw)
+            except ValueError:
+                raise VerifyError(f"{ENV}: '{item}' is not name=number") from None
+            integral = known[name] == "int"
+            if not math.isfinite(number) or number < (1 if integral else 0) or (
+                    integral and number != int(number)):
+                raise VerifyError(f"{ENV}: '{item}' is out of range")
+            values[name] = int(number) if integral else number
+        return cls(**values)
+
+    def hold_for(self, reverts: int) -> float:
+        """The hold after the n-th revert of one tunable: doubled each time, capped."""
+        return min(self.hold * 2 ** max(reverts - 1, 0), max(self.max_hold, self.hold))
+
+
+@dataclass
+class History:
+    """Long-run mean and variance of a figure's active ticks in one scope."""
+
+    mean: float = 0.0
+    var: float = 0.0
+    n: int = 0
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        if self.n == 1:
+            self.mean = value
+            return
+        delta = value - self.mean
+        self.mean += HISTORY_ALPHA * delta
+        self.var = (1 - HISTORY_ALPHA) * (self.var + HISTORY_ALPHA * delta * delta)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one figure says: "worse", "ok" or "inactive" (with a reason)."""
+
+    status: str
+    reason: str = ""
+    before: float = 0.0
+    sd: float = 0.0
+    after: float = 0.0
+    limit: float = 0.0
+
+
+def _pooled(ticks: list[Tick]) -> float:
+    den = sum(t.den for t in ticks)
+    return sum(t.num for t in ticks) / den * ticks[0].scale if den else 0.0
+
+
+def judge(before: list[Tick], after: list[Tick], figure: Figure, windows: Windows,
+          history: History | None = None) -> Outcome:
+    """Whether ``figure`` worsened clearly from ``before`` to ``after`` (design §2)."""
+    active_a = [t for t in after if t.active]
+    if len(active_a) < windows.min_active:
+        return Outcome("inactive", "no traffic after the change")
+    active_b = [t for t in before if t.active]
+    if len(active_b) >= windows.min_active:
+        mu_b = _pooled(active_b)
+        sd_b = statistics.stdev(t.value for t in active_b) if len(active_b) > 1 else 0.0
+    elif history is not None and history.n >= HISTORY_MIN_TICKS:
+        mu_b, sd_b = history.mean, math.sqrt(history.var)
+    else:
+        return Outcome("inactive", "no baseline (too little traffic before the change)")
+    mu_a = _pooled(active_a)
+    margin = max(windows.k * sd_b, figure.floor, figure.floor_rel * abs(mu_b))
+    events = sum(t.num for t in active_a)
+    if figure.worse == "up":
+        limit = mu_b + margin
+        worse = mu_a > limit
+    else:
+        limit = mu_b - margin
+        worse = mu_a < limit
+    worse = worse and events >= figure.min_events
+    return Outcome("worse" if worse else "ok", "", mu_b, sd_b, mu_a, limit)
+
+
+def _number(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1 else f"{x:.1f}"
+
+
+@dataclass
+class Verdict:
+    verdict: str  # "kept", "reverted" or "inconclusive"
+    reason: str
+    evidence: dict[str, Outcome] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    def evidence_text(self) -> str:
+        return ", ".join(f"{label} {_number(o.before)}±{_number(o.sd)} -> {_number(o.after)}"
+                         + (f" (limit {_number(o.limit)})" if o.status == "worse" else "")
+                         for label, o in self.evidence.items() if o.status != "inactive")
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict, "reason": self.reason, "at": self.at,
+                "evidence": {label: {"before": o.before, "sd": o.sd, "after": o.after,
+                                     "limit": o.limit}
+                             for label, o in self.evidence.items() if o.status != "inactive"}}
+
+
+def decide(outcomes: dict[str, Outcome]) -> Verdict:
+    """Any figure clearly worse: reverted; else any figure with activity: kept; else
+    inconclusive, with the first reason."""
+    if any(o.status == "worse" for o in outcomes.values()):
+        worse = [label for label, o in outcomes.items() if o.status == "worse"]
+        return Verdict("reverted", f"{', '.join(worse)} worse", outcomes)
+    if any(o.status == "ok" for o in outcomes.values()):
+        return Verdict("kept", "no figure worse", outcomes)
+    reasons = [o.reason for o in outcomes.values()] or ["no figures"]
+    reason = next((r for r in reasons if r.startswith("no baseline")), reasons[0])
+    return Verdict("inconclusive", reason, outcomes)
+
+
+@dataclass
+class Sample:
+    index: int
+    at: float
+    counters: dict[str, int]
+
+
+class Sampler:
+    """Cumulative counters per scope (the global namespace, namespaces being verified, and
+    up to MAX_SAMPLED others with recent tuner events), a ring of them per scope, and each
+    figure's long-run history there."""
+
+    def __init__(self, namespaces: Namespaces, figures: Iterable[Figure], windows: Windows,
+                 readers: dict[str, Callable[[], dict[str, int]]] | None = None) -> None:
+        self.namespaces = namespaces
+        self.figures = tuple(dict.fromkeys(figures))
+        self.windows = windows
+        self.readers = readers or READERS
+        self.ring_length = windows.before + windows.after + windows.grace + 3
+        self.rings: dict[int, deque[Sample]] = {GLOBAL: deque(maxlen=self.ring_length)}
+        self.history: dict[tuple[int, str], History] = {}
+        self.recent: OrderedDict[int, None] = OrderedDict()  # warm namespaces, LRU
+        self.pinned: Counter[int] = Counter()  # namespaces with open verifications
+        self.index = 0
+
+    def _netns_figures(self) -> list[Figure]:
+        return [f for f in self.figures if f.scope == "netns"]
+
+    def warm(self, cookie: int) -> None:
+        """A tuner acted in this namespace: sample it (the least recent beyond the cap
+        is no longer sampled)."""
+        if cookie == GLOBAL or self.namespaces.is_global(cookie):
+            return
+        self.recent[cookie] = None
+        self.recent.move_to_end(cookie)
+        while len(self.recent) > MAX_SAMPLED:
+            old, _ = self.recent.popitem(last=False)
+            if not self.pinned[old] and old not in self.scopes():
+                self._drop(old)
+
+    def sampled(self, cookie: int) -> bool:
+        return cookie in self.rings
+
+    def scopes(self) -> list[int]:
+        """Global, those being verified, those with recent tuner events, then other known
+        namespaces (the newest first) up to MAX_SAMPLED besides global."""
+        pinned = [c for c, n in self.pinned.items() if n > 0]
+        scopes = dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent)])
+        known = getattr(self.namespaces, "cookies", list)
+        for cookie in reversed(known()):
+            if len(scopes) > MAX_SAMPLED:
+                break
+            if not self.namespaces.is_global(cookie):
+                scopes.setdefault(cookie)
+        return list(scopes)
+
+    def forget(self, cookie: int) -> None:
+        self.recent.pop(cookie, None)
+        self.pinned.pop(cookie, None)
+        self._drop(cookie)
+
+    def _drop(self, cookie: int) -> None:
+        self.rings.pop(cookie, None)
+        for key in [k for k in self.history if k[0] == cookie]:
+            del self.history[key]
+
+    def sample(self, now: float) -> None:
+        self.index += 1
+        scopes = self.scopes()
+        for stale in set(self.rings) - set(scopes):
+            self._drop(stale)
+        for cookie in scopes:
+            try:
+                counters = self._read(cookie)
+            except (OSError, NetnsError, ValueError) as e:
+                log.debug(f"verify: cannot sample netns cookie {cookie}: {e}")
+                continue
+            ring = self.rings.setdefault(cookie, deque(maxlen=self.ring_length))
+            if ring and ring[-1].index == self.index - 1:
+                self._learn(cookie, ring[-1], counters, now)
+            ring.append(Sample(self.index, now, counters))
+
+    def _read(self, cookie: int) -> dict[str, int]:
+        wanted = self.figures if cookie == GLOBAL else self._netns_figures()
+        sources = {f.source for f in wanted}
+        keys = set().union(*(f.keys() for f in wanted)) if wanted else set()
+        found: dict[str, int] = {}
+        with self.namespaces.entered(cookie):
+            if SNMP in sources:
+                found |= self.readers[SNMP]()
+        for source in sources - {SNMP}:
+            found |= self.readers[source]()
+        return {k: v for k, v in found.items() if k in keys}
+
+    def _learn(self, cookie: int, prev: Sample, cur: dict[str, int], now: float) -> None:
+        wanted = self.figures if cookie == GLOBAL else self._netns_figures()
+        for f in wanted:
+            t = f.tick(prev.counters, cur, now - prev.at)
+            if t.active:
+                self.history.setdefault((cookie, f.label), History()).add(t.value)
+
+    def ticks(self, cookie: int, figure: Figure, first: int, last: int) -> list[Tick]:
+        """The figure's ticks ``first``..``last`` (sample indexes; tick i ends at sample i)
+        in that scope; ticks with a missing sample are left out."""
+        samples = {s.index: s for s in self.rings.get(cookie, ())}
+        found = []
+        for i in range(first, last + 1):
+            prev, cur = samples.get(i - 1), samples.get(i)
+            if prev is not None and cur is not None:
+                found.append(figure.tick(prev.counters, cur.counters, cur.at - prev.at))
+        return found
+
+
+@dataclass
+class Verification:
+    tuner: Tuner
+    tunable: Tunable
+    scenario: str
+    where: int  # the ledger cookie of the tunable
+    origin: int  # the namespace its "netns" figures are read in
+    old: Value
+    new: Value
+    start: int  # the last sample index before the change
+    figures: tuple[Figure, ...]
+    since: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.tunable.name, self.where)
+
+    def scope(self, figure: Figure) -> int:
+        return GLOBAL if figure.scope == "global" else self.origin
+
+
+class Verifier:
+    """Opens a verification per change, samples, judges each when its after window is
+    full, reverts (through Changes.revert) what made a figure clearly worse."""
+
+    def __init__(self, changes: Changes, figures: Iterable[Figure], windows: Windows,
+                 sampler: Sampler | None = None) -> None:
+        self.changes = changes
+        self.windows = windows
+        self.sampler = sampler or Sampler(changes.namespaces, figures, windows)
+        self.open: dict[tuple[str, int], Verification] = {}
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.last: dict[tuple[str, int], Verdict] = {}
+
+    def use_figures(self, figures: Iterable[Figure]) -> None:
+        """The figures the loaded tuners declare: what the sampler reads."""
+        self.sampler.figures = tuple(dict.fromkeys(figures))
+
+    # Events from the change path.
+    def changed(self, tuner: Tuner, tunable: Tunable, scenario: int, origin: int, where: int,
+                old: Value, new: Value) -> None:
+        key = (tunable.name, where)
+        figures = tuner.figures(tunable, scenario)
+        current = self.open.get(key)
+        if current is not None:
+            if current.tuner.name == tuner.name and figures:
+                current.new = new  # a series: the window stays anchored at its first step
+                return
+            self._end(current, Verdict("inconclusive", "superseded by another change"))
+        if not figures:
+            return
+        origin = GLOBAL if self.changes.namespaces.is_global(origin) else origin
+        v = Verification(tuner, tunable, tuner.scenarios[scenario].name, where, origin, old,
+                         new, self.sampler.index, figures)
+        self.open[key] = v
+        for f in figures:
+            self.sampler.pinned[v.scope(f)] += 1
+
+    def cancel(self, tuner_name: str, cookie: int | None, reason: str) -> None:
+        """End the tuner's open verifications in namespace ``cookie`` (None or GLOBAL: in
+        every namespace) as inconclusive."""
+        for v in [v for v in self.open.values() if v.tuner.name == tuner_name
+                  and (cookie in (None, GLOBAL) or v.where == cookie)]:
+            self._end(v, Verdict("inconclusive", reason))
+
+    def forget_netns(self, cookie: int) -> None:
+        for v in [v for v in self.open.values() if cookie in (v.where, v.origin)]:
+            self._end(v, Verdict("inconclusive", "namespace gone"), log_it=False)
+        self.last = {k: v for k, v in self.last.items() if k[1] != cookie}
+        self.sampler.forget(cookie)
+
+    def warm(self, cookie: int) -> None:
+        self.sampler.warm(cookie)
+
+    # The tick.
+    def tick(self, now: float) -> None:
+        self.sampler.sample(now)
+        due = self.sampler.index - self.windows.grace - self.windows.after - 1
+        for v in [v for v in self.open.values() if v.start <= due]:
+            self._judge(v)
+
+    def due_index(self, v: Verification) -> int:
+        return v.start + 1 + self.windows.grace + self.windows.after
+
+    def _judge(self, v: Verification) -> None:
+        try:
+            live = self.changes.read(v.tunable, v.where)
+        except (OSError, SysctlError):
+            self._end(v, Verdict("inconclusive", "namespace gone"))
+            return
+        if live != v.new:
+            self._end(v, Verdict("inconclusive", f"value changed by someone else (now "
+                                                 f"({format_value(live)}))"))
+            return
+        w = self.windows
+        outcomes: dict[str, Outcome] = {}
+        for f in v.figures:
+            scope = v.scope(f)
+            if not self.sampler.sampled(scope):
+                outcomes[f.label] = Outcome("inactive", "scope not sampled")
+                continue
+            before = self.sampler.ticks(scope, f, v.start - w.before + 1, v.start)
+            first_after = v.start + 2 + w.grace
+            after = self.sampler.ticks(scope, f, first_after, first_after + w.after - 1)
+            outcomes[f.label] = judge(before, after, f, w,
+                                      self.sampler.history.get((scope, f.label)))
+        verdict = decide(outcomes)
+        if verdict.verdict == "reverted" and not self._revert(v, verdict):
+            verdict = Verdict("inconclusive", "value changed by someone else (revert "
+                                              "refused)", outcomes)
+        self._end(v, verdict)
+
+    def _revert(self, v: Verification, verdict: Verdict) -> bool:
+        reverted = self.changes.revert(v.tuner, v.tunable, v.where, v.old, v.new,
+                                       verdict.evidence_text(), v.scenario)
+        if reverted:
+            try:
+                v.tuner.reverted(v.tunable, v.where)
+            except Exception as e:  # one tuner's bug must not stop the verifier
+                log.err(f"{v.tuner.name}: error after a revert: {e!r}")
+        return reverted
+
+    def _end(self, v: Verification, verdict: Verdict, *, log_it: bool = True) -> None:
+        self.open.pop(v.key, None)
+        for f in v.figures:
+            scope = v.scope(f)
+            self.sampler.pinned[scope] -= 1
+            if self.sampler.pinned[scope] <= 0:
+                del self.sampler.pinned[scope]
+                if scope != GLOBAL and scope not in self.sampler.recent:
+                    self.sampler._drop(scope)
+        self.counts[(v.tuner.name, verdict.verdict)] += 1
+        self.last[v.key] = verdict
+        line = (f"Verdict {verdict.verdict} for '{v.tunable.name}' in "
+                f"{self._where(v.where)} ({format_value(v.old)}) -> ({format_value(v.new)}) "
+                f"({v.tuner.name}): {verdict.evidence_text() or verdict.reason}")
+        if verdict.verdict == "inconclusive" and verdict.evidence_text():
+            line += f"; {verdict.reason}"
+        if log_it:
+            log.notice(line)
+        self.changes._audit("verdict", v.tuner.name, v.tunable.name, v.where, old=v.old,
+                            new=v.new, scenario=v.scenario, verdict=verdict.verdict,
+                            reason=verdict.reason,
+                            evidence=verdict.as_dict()["evidence"],
+                            window={"before": self.windows.before,
+                                    "after": self.windows.after})
+
+    def _where(self, cookie: int) -> str:
+        if cookie == GLOBAL:
+            return "global ns"
+        return f"netns '{self.changes.namespaces.name(cookie)}'"
+
+    # Reports.
+    def finish_all(self, reason: str) -> None:
+        for v in list(self.open.values()):
+            self._end(v, Verdict("inconclusive", reason))
+
+    def tuner_state(self, tuner_name: str) -> dict:
+        names = self.changes.namespaces.name
+        return {
+            "verdicts": {k: self.counts[(tuner_name, k)]
+                         for k in ("kept", "reverted", "inconclusive")},
+            "verifying": [{"tunable": v.tunable.name, "netns": names(v.where),
+                           "from": _plain(v.old), "to": _plain(v.new), "since": v.since,
+                           "due": time.time() + self.due_index(v) - self.sampler.index}
+                          for v in self.open.values() if v.tuner.name == tuner_name],
+        }
+
+    def snapshot(self) -> dict:
+        return {"before": self.windows.before, "after": self.windows.after,
+                "grace": self.windows.grace, "hold": self.windows.hold,
+                "sampled_netns": len(self.sampler.rings) - 1}
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"verify.open": len(self.open), "verify.last": len(self.last),
+                "verify.rings": len(self.sampler.rings),
+                "verify.history": len(self.sampler.history),
+                "verify.recent": len(self.sampler.recent)}
+
+
+def _plain(value: Value) -> list[int] | str:
+    return value if isinstance(value, str) else list(value)
+
+
+def all_figures(tuners: Iterable[Tuner]) -> list[Figure]:
+    """Every figure the tuners declare on their tunables."""
+    return list(dict.fromkeys(f for t in tuners for tunable in t.tunables
+                              for f in tunable.figures))
+

@@ -1,0 +1,267 @@
+"""Verified changes without traffic: the statistics (judge), the windows, the verifier with a
+fake sampler, and Changes.revert and the hold on real sysctls in a test namespace."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from bpftune.changes import Changes, StateFile
+from bpftune.netns import Namespaces
+from bpftune.tuners.tcp_buffer import TcpBufferTuner
+from bpftune.verify import (
+    RETRANS,
+    Figure,
+    History,
+    Sampler,
+    Tick,
+    Verifier,
+    VerifyError,
+    Windows,
+    judge,
+)
+from helpers import netns_cookie, read_sysctl, values, write_sysctl
+
+RMEM = TcpBufferTuner.RMEM
+W = Windows(before=4, after=4, grace=1, min_active=2)
+
+
+def ticks(values_: list[float], per: float = 1000, active: bool = True) -> list[Tick]:
+    """Ticks whose figure is ``v`` (per segment) with ``per`` segments each."""
+    return [Tick(v * per, per, active) for v in values_]
+
+
+@pytest.mark.parametrize("before, after, status", [
+    ([0.0, 0.0, 0.0, 0.0], [0.05, 0.05, 0.04, 0.05], "worse"),  # a clear rise
+    ([0.02, 0.04, 0.02, 0.04], [0.05, 0.04, 0.05, 0.04], "ok"),  # within 3 sigma
+    ([0.0, 0.0, 0.0, 0.0], [0.004, 0.004, 0.004, 0.004], "ok"),  # below the floor
+])
+def test_judge_needs_a_rise_past_the_spread_and_the_floors(before, after, status):
+    assert judge(ticks(before), ticks(after), RETRANS, W).status == status
+
+
+def test_judge_needs_enough_events_and_activity():
+    # 9 retransmits in all: past the floor but fewer than min_events
+    few = [Tick(3, 60, True)] * 3
+    assert judge(ticks([0.0] * 4), few, RETRANS, W).status == "ok"
+    idle = ticks([0.0] * 4, active=False)
+    assert judge(ticks([0.0] * 4), idle, RETRANS, W).reason == "no traffic after the change"
+    assert judge(idle, ticks([0.05] * 4), RETRANS, W).reason.startswith("no baseline")
+
+
+def test_judge_falls_back_on_the_long_run_history():
+    history = History()
+    for _ in range(40):
+        history.add(0.0)
+    idle = ticks([0.0] * 4, active=False)
+    outcome = judge(idle, ticks([0.05] * 4), RETRANS, W, history)
+    assert outcome.status == "worse" and outcome.before == 0.0
+
+
+def test_judge_a_down_figure():
+    rate = Figure("rate", "snmp", ("n",), ("d",), worse="down", floor_rel=0.2)
+    assert judge(ticks([1.0] * 4), ticks([0.5] * 4), rate, W).status == "worse"
+    assert judge(ticks([1.0] * 4), ticks([0.9] * 4), rate, W).status == "ok"
+
+
+def test_windows_from_the_environment():
+    w = Windows.from_env("before=3,after=5,grace=1,hold=30,min_active=2")
+    assert (w.before, w.after, w.grace, w.hold, w.min_active) == (3, 5, 1, 30.0, 2)
+    assert Windows.from_env("") == Windows()
+    assert [w.hold_for(n) for n in (1, 2, 3)] == [30, 60, 120]
+    assert Windows().hold_for(5) == 3600
+    for bad in ("before=x", "nope=1", "after=0", "grace=1.5", "hold=-1"):
+        with pytest.raises(VerifyError, match="BPFTUNE_TEST_VERIFY"):
+            Windows.from_env(bad)
+
+
+class FakeNamespaces:
+    def is_global(self, cookie):
+        return cookie == 0
+
+    def name(self, cookie):
+        return "global" if cookie == 0 else f"cookie-{cookie}"
+
+    def entered(self, cookie):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+class FakeChanges:
+    """What the verifier asks of Changes: live values, revert, audit."""
+
+    def __init__(self) -> None:
+        self.namespaces = FakeNamespaces()
+        self.live: dict = {}
+        self.reverts: list = []
+        self.audited: list = []
+
+    def read(self, tunable, cookie):
+        return self.live[(tunable.name, cookie)]
+
+    def revert(self, tuner, tunable, where, to, expect, evidence, scenario):
+        self.reverts.append((tunable.name, where, to, expect, evidence))
+        self.live[(tunable.name, where)] = to
+        return True
+
+    def _audit(self, kind, tuner, tunable, cookie, **fields):
+        self.audited.append((kind, tunable, cookie, fields, tuner))
+
+
+class Counters:
+    """Cumulative counters the fake sampler reads: segments and retransmits per tick."""
+
+    def __init__(self) -> None:
+        self.out = self.retrans = 0
+
+    def step(self, segments: int, retransmits: int) -> None:
+        self.out += segments
+        self.retrans += retransmits
+
+    def read(self) -> dict[str, int]:
+        return {"Tcp:OutSegs": self.out, "Tcp:RetransSegs": self.retrans}
+
+
+def fake_tuner(name="tcp_buffer"):
+    t = SimpleNamespace(name=name, scenarios=TcpBufferTuner.scenarios, reverted_calls=[])
+    t.figures = lambda tunable, scenario: TcpBufferTuner.figures(t, tunable, scenario)
+    t.reverted = lambda tunable, cookie: t.reverted_calls.append((tunable.name, cookie))
+    return t
+
+
+def verifier(counters: Counters) -> tuple[Verifier, FakeChanges]:
+    changes = FakeChanges()
+    sampler = Sampler(changes.namespaces, [RETRANS], W, readers={"snmp": counters.read})
+    return Verifier(changes, [RETRANS], W, sampler), changes
+
+
+def run(v: Verifier, counters: Counters, n: int, segments: int, retransmits: int) -> None:
+    for _ in range(n):
+        counters.step(segments, retransmits)
+        v.tick(float(v.sampler.index + 1))
+
+
+def test_verifier_reverts_a_series_to_its_first_value_and_keeps_the_window():
+    c = Counters()
+    v, changes = verifier(c)
+    tuner, cookie = fake_tuner(), 7
+    v.warm(cookie)
+    run(v, c, 5, 1000, 0)
+    start = v.sampler.index
+    v.changed(tuner, RMEM, 0, cookie, cookie, (1, 2, 3), (1, 2, 4))
+    run(v, c, 2, 1000, 0)
+    v.changed(tuner, RMEM, 0, cookie, cookie, (1, 2, 4), (1, 2, 5))  # joins the series
+    changes.live[(RMEM.name, cookie)] = (1, 2, 5)
+    assert v.open[(RMEM.name, cookie)].start == start
+    run(v, c, 4, 1000, 50)
+    assert changes.reverts == [(RMEM.name, cookie, (1, 2, 3), (1, 2, 5),
+                                changes.reverts[0][4])]
+    assert "retransmits/segment 0.0000±0.0000 -> 0.0500" in changes.reverts[0][4]
+    assert v.counts[("tcp_buffer", "reverted")] == 1 and not v.open
+    assert tuner.reverted_calls == [(RMEM.name, cookie)]
+    assert changes.audited[-1][0] == "verdict"
+    assert changes.audited[-1][3]["verdict"] == "reverted"
+
+
+def test_verifier_keeps_a_harmless_change_and_unverified_scenarios_get_no_verdict():
+    c = Counters()
+    v, changes = verifier(c)
+    tuner = fake_tuner()
+    run(v, c, 5, 1000, 0)
+    latency = TcpBufferTuner.scenarios.index(TcpBufferTuner.LATENCY)
+    v.changed(tuner, RMEM, latency, 0, 0, (1, 2, 3), (1, 2, 2))
+    assert not v.open
+    v.changed(tuner, RMEM, 0, 0, 0, (1, 2, 3), (1, 2, 4))
+    changes.live[(RMEM.name, 0)] = (1, 2, 4)
+    run(v, c, 7, 1000, 0)
+    assert v.counts[("tcp_buffer", "kept")] == 1 and not changes.reverts
+
+
+def test_verifier_inconclusive_cases():
+    c = Counters()
+    v, changes = verifier(c)
+    tuner = fake_tuner()
+    run(v, c, 5, 1000, 0)
+    for cookie in (0, 5, 6, 8):
+        v.warm(cookie)
+        changes.live[(RMEM.name, cookie)] = (1, 2, 4)
+        v.changed(tuner, RMEM, 0, cookie, cookie, (1, 2, 3), (1, 2, 4))
+    v.cancel("tcp_buffer", 5, "handed over to the administrator")
+    v.forget_netns(6)
+    v.changed(fake_tuner("other"), RMEM, 0, 8, 8, (1, 2, 4), (1, 2, 9))  # superseded
+    changes.live[(RMEM.name, 0)] = (9, 9, 9)  # an administrator's write
+    run(v, c, 7, 1000, 0)
+    reasons = {a[2]: a[3]["reason"] for a in changes.audited if a[4] == "tcp_buffer"}
+    assert reasons[5] == "handed over to the administrator"
+    assert reasons[6] == "namespace gone"
+    assert reasons[8] == "superseded by another change"
+    assert reasons[0].startswith("value changed by someone else")
+    assert v.counts[("tcp_buffer", "inconclusive")] == 4 and not changes.reverts
+    assert 6 not in v.sampler.rings and not v.open
+
+
+def test_idle_after_window_is_inconclusive():
+    c = Counters()
+    v, changes = verifier(c)
+    run(v, c, 5, 1000, 0)
+    changes.live[(RMEM.name, 0)] = (1, 2, 4)
+    v.changed(fake_tuner(), RMEM, 0, 0, 0, (1, 2, 3), (1, 2, 4))
+    run(v, c, 7, 0, 0)
+    assert changes.audited[-1][3]["reason"] == "no traffic after the change"
+
+
+@pytest.fixture
+def ns_changes(tmp_path, hosts, sysctls):
+    sysctls.set(RMEM.name, "4096 131072 131072", hosts.ns)
+    namespaces = Namespaces()
+    namespaces.scan()
+    changes = Changes(namespaces, StateFile(str(tmp_path)))
+    tuner = SimpleNamespace(name="tcp_buffer", scenarios=TcpBufferTuner.scenarios)
+    yield changes, tuner, netns_cookie(hosts.ns), hosts.ns
+    namespaces.close()
+
+
+def test_revert_restores_keeps_the_original_and_holds(ns_changes):
+    changes, tuner, cookie, ns = ns_changes
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
+    assert changes.revert(tuner, RMEM, cookie, (4096, 131072, 131072),
+                          (4096, 131072, 262144), "evidence")
+    assert values(read_sysctl(RMEM.name, ns)) == [4096, 131072, 131072]
+    record = changes.records[(RMEM.name, cookie)]
+    assert record.original == record.current == [4096, 131072, 131072]
+    assert record.changes == 2
+    assert 590 < changes.held_for((RMEM.name, cookie)) <= 600
+    # held: no change of it in that namespace, whatever the tuner
+    assert not changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
+    other = SimpleNamespace(name="other", scenarios=TcpBufferTuner.scenarios)
+    assert not changes.apply(other, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
+    changes.rollback()  # nothing to undo: current is the original
+    assert values(read_sysctl(RMEM.name, ns)) == [4096, 131072, 131072]
+    # a second revert doubles the hold; -E (hand_back) clears the tuner's holds there
+    changes.held[(RMEM.name, cookie)].until = 0
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
+    assert changes.revert(tuner, RMEM, cookie, (4096, 131072, 131072),
+                          (4096, 131072, 262144), "evidence")
+    assert 1190 < changes.held_for((RMEM.name, cookie)) <= 1200
+    changes.hand_back("tcp_buffer", cookie)
+    assert changes.held_for((RMEM.name, cookie)) == 0
+
+
+def test_revert_is_refused_when_an_administrator_changed_the_value(ns_changes):
+    changes, tuner, cookie, ns = ns_changes
+    assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
+    write_sysctl(RMEM.name, "4096 131072 300000", ns)
+    assert not changes.revert(tuner, RMEM, cookie, (4096, 131072, 131072),
+                              (4096, 131072, 262144), "evidence")
+    assert values(read_sysctl(RMEM.name, ns)) == [4096, 131072, 300000]
+    assert changes.held_for((RMEM.name, cookie)) == 0
+
+
+def test_no_verifier_in_advice_mode(tmp_path):
+    namespaces = Namespaces()
+    try:
+        changes = Changes(namespaces, StateFile(str(tmp_path)), advise=True)
+        assert changes.verifier is None
+    finally:
+        namespaces.close()
