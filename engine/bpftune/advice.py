@@ -11,7 +11,6 @@ same id replaces the earlier one (a tuner proposes again as long as the conditio
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +18,8 @@ from bpftune.sysctl import Value, format_value
 
 
 def advice_id(tuner: str, tunable: str, netns: str, scenario: str, subject: str = "") -> str:
+    import hashlib  # only in advice mode: its import (OpenSSL) costs the daemon 3.7 MiB
+
     key = "\0".join((tuner, tunable, netns, scenario, *([subject] if subject else []))).encode()
     return hashlib.sha256(key).hexdigest()[:12]
 

@@ -20,7 +20,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from bpftune import paths
@@ -48,8 +47,13 @@ def value_text(value: Any) -> str:
 
 
 def _iso(epoch: float) -> str:
-    """ISO 8601 in UTC, e.g. ``2026-12-03T06:04:12.345678Z``."""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    """ISO 8601 in UTC, e.g. ``2026-12-03T06:04:12.345678Z`` (with time, not datetime,
+    which the daemon does not otherwise import)."""
+    seconds = int(epoch)
+    micros = round((epoch - seconds) * 1_000_000)
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{micros:06d}Z"
 
 
 def _field(name: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -216,6 +215,15 @@ def _pooled(ticks: list[Tick]) -> float:
     return sum(t.num for t in ticks) / den * ticks[0].scale if den else 0.0
 
 
+def _stdev(values: list[float]) -> float:
+    """The sample standard deviation (as statistics.stdev, whose import, with decimal and
+    fractions, costs the daemon 2 MiB)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def judge(before: list[Tick], after: list[Tick], figure: Figure, windows: Windows,
           history: History | None = None) -> Outcome:
     """Whether ``figure`` worsened clearly from ``before`` to ``after`` (design §2)."""
@@ -225,7 +233,7 @@ def judge(before: list[Tick], after: list[Tick], figure: Figure, windows: Window
     active_b = [t for t in before if t.active]
     if len(active_b) >= windows.min_active:
         mu_b = _pooled(active_b)
-        sd_b = statistics.stdev(t.value for t in active_b) if len(active_b) > 1 else 0.0
+        sd_b = _stdev([t.value for t in active_b])
     elif history is not None and history.n >= HISTORY_MIN_TICKS:
         mu_b, sd_b = history.mean, math.sqrt(history.var)
     else:
