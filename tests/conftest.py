@@ -88,3 +88,23 @@ def tuned_pmda(tmp_path_factory):
     finally:
         hosts.destroy()
         saved.restore()
+
+
+@pytest.fixture
+def ns_changes(tmp_path, hosts, sysctls):
+    """The real change path (no daemon) with a test namespace whose tcp_rmem max is small:
+    (changes, a tcp_buffer stand-in, the namespace's cookie, its name, the state dir)."""
+    from types import SimpleNamespace
+
+    from bpftune.changes import Changes, StateFile
+    from bpftune.netns import Namespaces
+    from bpftune.tuners.tcp_buffer import TcpBufferTuner
+    from helpers import netns_cookie
+
+    sysctls.set(TcpBufferTuner.RMEM.name, "4096 131072 131072", hosts.ns)
+    namespaces = Namespaces()
+    namespaces.scan()
+    changes = Changes(namespaces, StateFile(str(tmp_path)))
+    tuner = SimpleNamespace(name="tcp_buffer", scenarios=TcpBufferTuner.scenarios)
+    yield changes, tuner, netns_cookie(hosts.ns), hosts.ns, tmp_path
+    namespaces.close()

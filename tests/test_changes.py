@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
-
-import pytest
 
 from bpftune import sysctl
-from bpftune.changes import Changes, Record, StateFile, boot_id
+from bpftune.changes import Record, StateFile, boot_id
 from bpftune.log import log
-from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
-from helpers import netns_cookie, read_sysctl, recorded, values, write_sysctl
+from helpers import read_sysctl, recorded, values, write_sysctl
 
 RMEM = TcpBufferTuner.RMEM
-
-
-@pytest.fixture
-def ns_changes(tmp_path, hosts, sysctls):
-    sysctls.set(RMEM.name, "4096 131072 131072", hosts.ns)
-    namespaces = Namespaces()
-    namespaces.scan()
-    changes = Changes(namespaces, StateFile(str(tmp_path)))
-    tuner = SimpleNamespace(name="tcp_buffer", scenarios=TcpBufferTuner.scenarios)
-    yield changes, tuner, netns_cookie(hosts.ns), hosts.ns, tmp_path
-    namespaces.close()
 
 
 def test_growth_is_capped_at_the_ceiling_and_recorded_before_writing(ns_changes):

@@ -21,7 +21,7 @@ from bpftune.verify import (
     Windows,
     judge,
 )
-from helpers import netns_cookie, read_sysctl, values, write_sysctl
+from helpers import read_sysctl, values, write_sysctl
 
 RMEM = TcpBufferTuner.RMEM
 W = Windows(before=4, after=4, grace=1, min_active=2)
@@ -211,19 +211,8 @@ def test_idle_after_window_is_inconclusive():
     assert changes.audited[-1][3]["reason"] == "no traffic after the change"
 
 
-@pytest.fixture
-def ns_changes(tmp_path, hosts, sysctls):
-    sysctls.set(RMEM.name, "4096 131072 131072", hosts.ns)
-    namespaces = Namespaces()
-    namespaces.scan()
-    changes = Changes(namespaces, StateFile(str(tmp_path)))
-    tuner = SimpleNamespace(name="tcp_buffer", scenarios=TcpBufferTuner.scenarios)
-    yield changes, tuner, netns_cookie(hosts.ns), hosts.ns
-    namespaces.close()
-
-
 def test_revert_restores_keeps_the_original_and_holds(ns_changes):
-    changes, tuner, cookie, ns = ns_changes
+    changes, tuner, cookie, ns, _ = ns_changes
     assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
     assert changes.revert(tuner, RMEM, cookie, (4096, 131072, 131072),
                           (4096, 131072, 262144), "evidence")
@@ -249,7 +238,7 @@ def test_revert_restores_keeps_the_original_and_holds(ns_changes):
 
 
 def test_revert_is_refused_when_an_administrator_changed_the_value(ns_changes):
-    changes, tuner, cookie, ns = ns_changes
+    changes, tuner, cookie, ns, _ = ns_changes
     assert changes.apply(tuner, RMEM, 0, cookie, (4096, 131072, 262144), "{old} {new}")
     write_sysctl(RMEM.name, "4096 131072 300000", ns)
     assert not changes.revert(tuner, RMEM, cookie, (4096, 131072, 131072),
