@@ -16,7 +16,7 @@ from bpftune.events import Event
 from bpftune.hooks import PlanError, Watch, fentry, make_plan, raw_tp, tp
 from bpftune.learning import LearningRate, LearningRateError
 from bpftune.plugins import normalize_name
-from bpftune.procnet import _pairs
+from bpftune.procnet import _pairs, thread_counters
 from bpftune.sysctl import name_of
 from bpftune.tuner import Scenario, Tunable, Tuner
 from bpftune.tuners.tcp_buffer import TcpBufferTuner as T
@@ -159,6 +159,14 @@ def test_proc_net_counter_pairs(tmp_path):
                  "IpExt: InNoRoutes\nIpExt: 9\n")
     assert _pairs(str(f)) == {"TcpExt:SyncookiesSent": 3, "TcpExt:SyncookiesRecv": 4,
                               "IpExt:InNoRoutes": 9}
+    assert _pairs(str(f), {"IpExt:"}) == {"IpExt:InNoRoutes": 9}
+
+
+def test_thread_counters_reads_the_keys_asked_for_from_the_three_files():
+    keys = {"Tcp:OutSegs", "TcpExt:ListenDrops", "Udp6RcvbufErrors", "Ip:ReasmFails"}
+    found = thread_counters(keys)
+    assert set(found) == keys and all(v >= 0 for v in found.values())
+    assert set(thread_counters({"TcpExt:ListenDrops"})) == {"TcpExt:ListenDrops"}
 
 
 SYNTHETIC_BTF = [

@@ -119,7 +119,7 @@ class Counters:
         self.out += segments
         self.retrans += retransmits
 
-    def read(self) -> dict[str, int]:
+    def read(self, keys: set[str]) -> dict[str, int]:
         return {"Tcp:OutSegs": self.out, "Tcp:RetransSegs": self.retrans}
 
 
@@ -132,7 +132,8 @@ def fake_tuner(name="tcp_buffer"):
 
 def verifier(counters: Counters) -> tuple[Verifier, FakeChanges]:
     changes = FakeChanges()
-    sampler = Sampler(changes.namespaces, [RETRANS], W, readers={"snmp": counters.read})
+    sampler = Sampler(changes.namespaces, [RETRANS], W, readers={"snmp": counters.read},
+                      packets=None)
     return Verifier(changes, [RETRANS], W, sampler), changes
 
 
@@ -209,6 +210,32 @@ def test_idle_after_window_is_inconclusive():
     v.changed(fake_tuner(), RMEM, 0, 0, 0, (1, 2, 3), (1, 2, 4))
     run(v, c, 7, 0, 0)
     assert changes.audited[-1][3]["reason"] == "no traffic after the change"
+
+
+def test_a_quiet_host_samples_only_open_verifications():
+    c, packets = Counters(), [0]
+    changes = FakeChanges()
+    sampler = Sampler(changes.namespaces, [RETRANS], W, readers={"snmp": c.read},
+                      packets=lambda: packets[0])
+    v = Verifier(changes, [RETRANS], W, sampler)
+    v.warm(7)
+
+    def ticks(n: int, pps: int) -> None:
+        for _ in range(n):
+            packets[0] += pps
+            c.step(1000, 0)
+            v.tick(float(sampler.index + 1))
+
+    ticks(3, 5000)  # busy: global and the warm namespace
+    assert [len(sampler.rings[s]) for s in (0, 7)] == [3, 3]
+    history = sampler.history[(7, RETRANS.label)].n
+    ticks(4, 10)  # quiet: neither, and nothing forgotten
+    assert [len(sampler.rings[s]) for s in (0, 7)] == [3, 3]
+    assert sampler.history[(7, RETRANS.label)].n == history
+    changes.live[(RMEM.name, 7)] = (1, 2, 4)
+    v.changed(fake_tuner(), RMEM, 0, 7, 7, (1, 2, 3), (1, 2, 4))
+    ticks(2, 10)  # quiet, but a verification is open there
+    assert [sampler.rings[s][-1].index for s in (0, 7)] == [sampler.index] * 2
 
 
 def test_revert_restores_keeps_the_original_and_holds(ns_changes):

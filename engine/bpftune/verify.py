@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 GLOBAL = 0
 MAX_SAMPLED = 32  # namespaces sampled besides the global one and those being verified
+# Host-wide packets a second below which only open verifications are sampled: a tick with
+# fewer has too few segments to count as active for any figure (RETRANS needs 50), and an
+# idle host then pays one softnet_stat read a second, not a read per sampled namespace.
+QUIET_PPS = 100
 HISTORY_ALPHA = 1 / 60  # long-run mean and variance of a figure, per active tick
 HISTORY_MIN_TICKS = 30  # active ticks before the long-run history may stand for a baseline
 ENV = "BPFTUNE_TEST_VERIFY"
@@ -42,11 +46,13 @@ SOFTNET = "softnet"  # /proc/net/softnet_stat (global)
 SCHED = "sched"  # schedstat or PSI (global)
 NEIGH = "neigh"  # /proc/net/stat/{arp,ndisc}_cache (global)
 
-READERS: dict[str, Callable[[], dict[str, int]]] = {
+# Each reads the counters of its source; given the keys the figures need.
+Reader = Callable[[set[str]], dict[str, int]]
+READERS: dict[str, Reader] = {
     SNMP: procnet.thread_counters,
-    SOFTNET: procnet.softnet_totals,
-    SCHED: procnet.cpu_wait_totals,
-    NEIGH: procnet.neigh_cache_totals,
+    SOFTNET: lambda _keys: procnet.softnet_totals(),
+    SCHED: lambda _keys: procnet.cpu_wait_totals(),
+    NEIGH: lambda _keys: procnet.neigh_cache_totals(),
 }
 
 
@@ -297,14 +303,19 @@ class Sample:
 class Sampler:
     """Cumulative counters per scope (the global namespace, namespaces being verified, and
     up to MAX_SAMPLED others with recent tuner events), a ring of them per scope, and each
-    figure's long-run history there."""
+    figure's long-run history there. While the host is quiet (``packets``, host-wide, grew
+    by less than QUIET_PPS a second; None: never quiet) only open verifications' scopes are
+    sampled."""
 
     def __init__(self, namespaces: Namespaces, figures: Iterable[Figure], windows: Windows,
-                 readers: dict[str, Callable[[], dict[str, int]]] | None = None) -> None:
+                 readers: dict[str, Reader] | None = None,
+                 packets: Callable[[], int] | None = procnet.packets_received) -> None:
         self.namespaces = namespaces
         self.figures = tuple(dict.fromkeys(figures))
         self.windows = windows
         self.readers = readers or READERS
+        self.packets = packets
+        self.last_packets: tuple[float, int] | None = None
         self.ring_length = windows.before + windows.after + windows.grace + 3
         self.rings: dict[int, deque[Sample]] = {GLOBAL: deque(maxlen=self.ring_length)}
         self.history: dict[tuple[int, str], History] = {}
@@ -353,11 +364,23 @@ class Sampler:
         for key in [k for k in self.history if k[0] == cookie]:
             del self.history[key]
 
+    def quiet(self, now: float) -> bool:
+        """Whether the host received fewer than QUIET_PPS packets a second since the last
+        call (softnet_stat counts every namespace's)."""
+        if self.packets is None:
+            return False
+        count = self.packets()
+        last, self.last_packets = self.last_packets, (now, count)
+        return last is not None and count - last[1] < QUIET_PPS * (now - last[0])
+
     def sample(self, now: float) -> None:
         self.index += 1
         scopes = self.scopes()
         for stale in set(self.rings) - set(scopes):
             self._drop(stale)
+        if self.quiet(now):  # idle ticks: no window needs them but open verifications'
+            pinned = [c for c, n in self.pinned.items() if n > 0]
+            scopes = [GLOBAL, *pinned] if pinned else []
         for cookie in scopes:
             try:
                 counters = self._read(cookie)
@@ -376,9 +399,9 @@ class Sampler:
         found: dict[str, int] = {}
         with self.namespaces.entered(cookie):
             if SNMP in sources:
-                found |= self.readers[SNMP]()
+                found |= self.readers[SNMP](keys)
         for source in sources - {SNMP}:
-            found |= self.readers[source]()
+            found |= self.readers[source](keys)
         return {k: v for k, v in found.items() if k in keys}
 
     def _learn(self, cookie: int, prev: Sample, cur: dict[str, int], now: float) -> None:
