@@ -164,13 +164,13 @@ def grow(tuner: T, kernel: Kernel, tunable: Tunable = T.RMEM, rtt: int = 0,
 
 def test_growth_correlated_with_latency_is_reversed_and_held(tuned, monkeypatch):
     tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (0,)})
-    for i in range(9):  # latency rises with every increase
-        grow(tuner, kernel, rtt=100 + 50 * i)
+    for i in range(9):  # latency rises with every increase: 10 ms more each time
+        grow(tuner, kernel, rtt=40_000 + 10_000 * i)
     assert counted(changes, T.NEED_INCREASE) == 9
     assert kernel.value(MODERATE) == (1,) and counted(changes, T.MATCH_RCVBUF) == 1
     grown = kernel.value(RMEM)[2]
     assert grown > 131072
-    grow(tuner, kernel, rtt=600)  # tenth sample: correlation is now clear
+    grow(tuner, kernel, rtt=130_000)  # tenth sample: correlation is now clear
     assert counted(changes, T.LATENCY) == 1 and counted(changes, T.NEED_INCREASE) == 9
     assert kernel.value(RMEM) == (4096, 131072, LearningRate(4).shrink(grown))
     writes = len(kernel.writes)
@@ -183,6 +183,16 @@ def test_growth_correlated_with_latency_is_reversed_and_held(tuned, monkeypatch)
     assert counted(changes, T.NEED_INCREASE) == 10
     record = ledger(changes)[(RMEM, COOKIE)]
     assert record["current"] == list(kernel.value(RMEM)) and record["changes"] == 11
+
+
+@pytest.mark.parametrize("rise_us", [96, 3000], ids=["0.2%", "3ms-of-40"])
+def test_a_correlated_but_small_rise_of_latency_keeps_growing(tuned, rise_us):
+    """sRTT in lockstep with the max (r near 1), but by less than a queue worth a buffer's
+    throughput: as the delay-line benchmark showed on a 40 ms path."""
+    tuner, changes, kernel = tuned({RMEM: (4096, 131072, 131072), MODERATE: (1,)})
+    for i in range(16):
+        grow(tuner, kernel, rtt=40_700 + rise_us * i // 15)
+    assert counted(changes, T.NEED_INCREASE) == 16 and counted(changes, T.LATENCY) == 0
 
 
 def test_uncorrelated_latency_keeps_growing(tuned):

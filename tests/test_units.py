@@ -66,6 +66,14 @@ def test_correlation_needs_enough_samples_and_variance():
     assert flat.value() == 0.0
 
 
+def test_correlation_rise_is_the_least_squares_rise_across_x():
+    c = Correlation()
+    for i in range(MIN_SAMPLES):
+        c.add(100 * i, 40_000 + 10 * i)  # 10 per 100 of x: 90 over x's range of 900
+    assert c.correlated() and c.rise() == pytest.approx(90)
+    assert Correlation().rise() == 0.0
+
+
 def test_correlation_negative_and_window_forgets_old_samples():
     c = Correlation(window=12)
     for i in range(12):

@@ -28,22 +28,38 @@ class Correlation:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def value(self) -> float:
-        """Pearson r, or 0.0 with fewer than MIN_SAMPLES samples or no variance."""
+    def _moments(self) -> tuple[float, float, float] | None:
+        """(Σ(x-x̄)(y-ȳ), Σ(x-x̄)², Σ(y-ȳ)²), or None with fewer than MIN_SAMPLES samples."""
         n = len(self.samples)
         if n < MIN_SAMPLES:
-            return 0.0
+            return None
         mean_x = sum(x for x, _ in self.samples) / n
         mean_y = sum(y for _, y in self.samples) / n
         cov = sum((x - mean_x) * (y - mean_y) for x, y in self.samples)
         var_x = sum((x - mean_x) ** 2 for x, _ in self.samples)
         var_y = sum((y - mean_y) ** 2 for _, y in self.samples)
-        if var_x == 0 or var_y == 0:
+        return cov, var_x, var_y
+
+    def value(self) -> float:
+        """Pearson r, or 0.0 with fewer than MIN_SAMPLES samples or no variance."""
+        moments = self._moments()
+        if moments is None or moments[1] == 0 or moments[2] == 0:
             return 0.0
+        cov, var_x, var_y = moments
         return cov / math.sqrt(var_x * var_y)
 
     def correlated(self) -> bool:
         return self.value() > THRESHOLD
+
+    def rise(self) -> float:
+        """How much y rises across the window's range of x, on the least-squares line
+        (0.0 with fewer than MIN_SAMPLES samples or no spread of x). r says how steady a
+        trend is, not how big: a 0.2 % rise in lockstep with x has r = 1."""
+        moments = self._moments()
+        if moments is None or moments[1] == 0:
+            return 0.0
+        xs = [x for x, _ in self.samples]
+        return moments[0] / moments[1] * (max(xs) - min(xs))
 
 
 class Correlations:
