@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from record import Figure
 
-from helpers import Hosts, Iperf, Sysctls, daemon
+from helpers import Hosts, Sysctls, daemon, transfer_both_ways
 from pcp_helpers import PMDAS_DIR, pmda_installed
 from test_tcp_buffer import squeeze_buffers
 
@@ -111,12 +111,7 @@ def tuned_daemon_rows(tmp: Path, rounds: int, pminfo_rounds: int) -> list[dict]:
             squeeze_buffers(sysctls, ns)
         with daemon(tmp / "daemon"):
             for h in hosts:
-                iperf = Iperf(h.ns, h.ns_addr)
-                try:
-                    iperf.run(None, seconds=2)
-                    iperf.run(None, seconds=2, reverse=True)
-                finally:
-                    iperf.stop()
+                transfer_both_ways(h)
             running = measure("daemon running", rounds, pminfo_rounds)
         down = measure("daemon down", rounds, pminfo_rounds)
     finally:

@@ -19,7 +19,15 @@ import pytest
 
 from bpftune.audit import JOURNAL_SOCKET, AuditTrail
 from bpftune.log import log
-from helpers import BPFTUNE, Iperf, daemon, netns_cookie, read_sysctl, values, wait_until
+from helpers import (
+    BPFTUNE,
+    daemon,
+    netns_cookie,
+    read_sysctl,
+    transfer_both_ways,
+    values,
+    wait_until,
+)
 from test_tcp_buffer import RMEM, WMEM, squeeze_buffers
 
 SCENARIO = "need to increase TCP buffer size(s)"
@@ -55,12 +63,7 @@ def text(value: list[int]) -> str:
 
 def grow_buffers(hosts, squeezed: dict) -> None:
     """iperf3 both ways until tcp_rmem max grew in both namespaces."""
-    iperf = Iperf(hosts.ns, hosts.ns_addr)
-    try:
-        iperf.run(None, seconds=2)
-        iperf.run(None, seconds=2, reverse=True)
-    finally:
-        iperf.stop()
+    transfer_both_ways(hosts)
     for ns in (None, hosts.ns):
         assert wait_until(lambda s=ns: values(read_sysctl(RMEM, s))[2] > squeezed[s][RMEM][2])
 
