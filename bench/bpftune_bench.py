@@ -447,6 +447,27 @@ def reactions(count: int) -> tuple[float | None, str]:
     return (statistics.median(acted) if acted else None), f"acted in {len(acted)}/{count}"
 
 
+def sampler_tick_ms(ticks: int) -> tuple[float, str]:
+    """Median ms of a busy tick of the verifier's sampler (bpftune.verify, every figure)
+    over the global namespace and as many others as it samples, in this process."""
+    from bpftune import verify
+    from bpftune.netns import Namespaces
+
+    figures = [v for v in vars(verify).values() if isinstance(v, verify.Figure)]
+    namespaces = Namespaces()
+    try:
+        namespaces.scan()
+        sampler = verify.Sampler(namespaces, figures, verify.Windows(), packets=None)
+        times = []
+        for tick in range(ticks):
+            start = time.perf_counter()
+            sampler.sample(float(tick))
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times), f"{len(sampler.rings)} scopes, {ticks} ticks"
+    finally:
+        namespaces.close()
+
+
 def scale(tmp: Path, plan: Plan) -> list[Figure]:
     sysctls = Sysctls()
     # New namespaces copy the global tcp_rmem: squeezed, bpftune grows it in each.
@@ -460,6 +481,7 @@ def scale(tmp: Path, plan: Plan) -> list[Figure]:
                 time.sleep(SETTLE)
                 cpu1, rss1 = idle_window(d.proc.pid, plan.window)
                 react1, acted1 = reactions(plan.churns)
+                sampler_ms, sampled = sampler_tick_ms(plan.churns)
     finally:
         sysctls.restore()
     n = plan.namespaces
@@ -482,6 +504,10 @@ def scale(tmp: Path, plan: Plan) -> list[Figure]:
                react1, "ms", digits=1, detail=acted1),
         Figure("scale.reaction_ratio", f"scale: reaction, {n} namespaces / none", ratio,
                target="< 1.1", digits=3),
+        # Verified changes sample only while the host moves packets (Sampler.quiet): then
+        # this is their cost each second, in ms of one CPU.
+        Figure("scale.verify_sampler", "verified changes: sampler, a busy tick", sampler_ms,
+               "ms", "< 10", digits=2, detail=sampled),
     ]
 
 

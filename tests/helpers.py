@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 ACTIVE_HERE = ("ip_frag, neigh_table, net_buffer, netns, sysctl, tcp_buffer, tcp_conn, "
                "udp_buffer")
 BPFTUNE = str(Path(sys.executable).parent / "bpftune")
+#: Short verification windows (design: notes/verified-changes-design.md §6), passed in the
+#: daemon's environment: 4 ticks before a change, a grace tick, 4 after.
+VERIFY_WINDOWS = {"BPFTUNE_TEST_VERIFY": "before=4,after=4,grace=1,hold=30,min_active=2"}
 
 
 def ns_prefix(ns: str | None) -> list[str]:
@@ -288,6 +292,61 @@ def churn_namespace(name: str, timeout: float = 10) -> float | None:
     if not result:
         raise AssertionError(f"namespace {name}: churn failed")
     return result[0]
+
+
+def bpftune_state() -> dict:
+    """The running daemon's ``bpftune -q state`` (JSON)."""
+    out = subprocess.run([BPFTUNE, "-q", "state"], capture_output=True, text=True, check=True,
+                         timeout=30).stdout
+    return json.loads(out)
+
+
+def verdict(d: Daemon, tuner: str, tunable: str, figure: str, expected: str = "kept",
+            timeout: float = 30) -> tuple[float, float, float]:
+    """Wait for the first verdict on ``tunable``'s change by ``tuner`` (a series of steps
+    is one verification), check that it is ``expected`` in the log line and in the state
+    query, with evidence for ``figure``; returns that figure's (before mean, its per-tick
+    sd, after mean)."""
+    m = d.wait_for(rf"Verdict (\w+) for '{re.escape(tunable)}' in .* \({tuner}\): (.*)",
+                   timeout=timeout)
+    assert m[1] == expected, m[0]
+    evidence = re.search(rf"{re.escape(figure)} ([\d.]+)±([\d.]+) -> ([\d.]+)", m[2])
+    assert evidence, m[0]
+    assert f"Reverting '{tunable}'" not in d.log
+    (snap,) = (t for t in bpftune_state()["tuners"] if t["name"] == tuner)
+    assert snap["verdicts"][expected] >= 1, snap["verdicts"]
+    (found,) = (t for t in snap["tunables"] if t["name"] == tunable)
+    last = [ns["verdict"] for ns in found["netns"].values() if "verdict" in ns]
+    assert last and last[-1]["verdict"] == expected, found
+    assert figure in last[-1]["evidence"], last
+    before, sd, after = map(float, evidence.groups())
+    return before, sd, after
+
+
+@contextlib.contextmanager
+def paced_udp(address: tuple[str, int], per_second: int, size: int = 1400) -> Iterator[None]:
+    """Datagrams sent to ``address`` from this netns at a steady pace, in a thread, for the
+    body: real traffic that makes the windows of verified changes active."""
+    stop = threading.Event()
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            start, sent = time.monotonic(), 0
+            while not stop.is_set():
+                if sent < per_second * (time.monotonic() - start):
+                    with contextlib.suppress(OSError):  # ICMP errors from no listener
+                        s.sendto(b"x" * size, address)
+                    sent += 1
+                else:
+                    time.sleep(0.002)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(timeout=10)
 
 
 def daemon_fds(pid: int) -> int:

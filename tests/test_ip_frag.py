@@ -12,6 +12,7 @@ import contextlib
 import errno
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,12 +28,21 @@ from bpftune.learning import LearningRate
 from bpftune.sysctl import SysctlError
 from bpftune.tuners import ip_frag
 from bpftune.tuners.ip_frag import IpFragTuner as T
-from helpers import daemon, netns_cookie, ns_prefix, read_sysctl, wait_until
+from helpers import (
+    VERIFY_WINDOWS,
+    daemon,
+    netns_cookie,
+    ns_prefix,
+    read_sysctl,
+    verdict,
+    wait_until,
+)
 
 HIGH, LOW = "net.ipv4.ipfrag_high_thresh", "net.ipv4.ipfrag_low_thresh"
 HIGH6, LOW6 = "net.ipv6.ip6frag_high_thresh", "net.ipv6.ip6frag_low_thresh"
 SQUEEZED, SQUEEZED_LOW = 8192, 4096
 PING_BYTES = 8192
+SMALL_PING_BYTES = 2000  # 2 fragments, within 8192 bytes of reassembly memory
 INCREASE = ("Scenario 'need to increase IP fragmentation high threshold' occurred for tunable "
             "'{name}' in {where} ns. this allows additional memory to be used to accommodate "
             "more defragmentation.")
@@ -49,10 +59,11 @@ def squeeze(sysctls, ns: str | None, high: str = HIGH, low: str = LOW) -> None:
     sysctls.set(high, str(SQUEEZED), ns)
 
 
-def answered(src_ns: str | None, dst: str, count: int = 20) -> int:
-    """Percentage of ``count`` 8 KiB pings from ``src_ns`` to ``dst`` that got a reply."""
+def answered(src_ns: str | None, dst: str, count: int = 20, size: int = PING_BYTES) -> int:
+    """Percentage of ``count`` pings of ``size`` bytes (8 KiB) from ``src_ns`` to ``dst``
+    that got a reply."""
     r = subprocess.run([*ns_prefix(src_ns), "ping", "-q", "-n", "-c", str(count), "-i", "0.05",
-                        "-W", "1", "-s", str(PING_BYTES), dst],
+                        "-W", "1", "-s", str(size), dst],
                        capture_output=True, text=True, check=False, timeout=count + 30)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout)
     assert m, r.stdout + r.stderr
@@ -98,6 +109,37 @@ def test_limit_grows_in_the_namespace_only_and_pings_get_through(tmp_path, sysct
     # -R: the namespace's limit is back where it was.
     assert int(read_sysctl(HIGH, hosts.ns)) == SQUEEZED
     assert read_sysctl(HIGH) == global_high
+
+
+@contextlib.contextmanager
+def small_pings(dst: str) -> Iterator[None]:
+    """100 pings a second of SMALL_PING_BYTES from the global netns to ``dst``, for the
+    body: steady reassembly (2 fragments each) that fits under a squeezed limit."""
+    ping = subprocess.Popen(["ping", "-q", "-n", "-i", "0.01", "-s", str(SMALL_PING_BYTES),
+                             dst], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        ping.kill()
+        ping.wait(timeout=10)
+
+
+def test_limit_growth_that_lets_pings_through_is_kept(tmp_path, sysctls, hosts):
+    """Verified changes: pings of 2 KiB, reassembled in the test netns within its squeezed
+    limit, make the window before the change active with no reassembly failures; 8 KiB
+    pings fail until the limit has grown (a series of steps); the small pings go on over
+    the window after the change, with the 8 KiB ones now answered. The change is kept,
+    with the namespace's reassembly failures as evidence."""
+    squeeze(sysctls, hosts.ns)
+    assert answered(None, hosts.ns_addr, count=10, size=SMALL_PING_BYTES) == 100
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d, small_pings(hosts.ns_addr):
+        time.sleep(5)  # the before window
+        assert ping_until_answered(None, hosts.ns_addr), d.log
+        assert answered(None, hosts.ns_addr, count=20) >= 95
+        before, _, after = verdict(d, "ip_frag", HIGH, "reassembly failures/1000")
+        assert after <= max(before, 10)  # at most the floor of a clear rise
+        assert int(read_sysctl(HIGH, hosts.ns)) > SQUEEZED
+    assert re.search(rf"Verdict kept for '{HIGH}' in netns '{hosts.ns}' \(8192\) -> ", d.log)
 
 
 def test_global_limit_grows_for_pings_from_a_namespace(tmp_path, sysctls, hosts):

@@ -29,7 +29,17 @@ from bpftune.learning import LearningRate
 from bpftune.neigh import device_prefixes, reasonable_max
 from bpftune.sysctl import INT_MAX
 from bpftune.tuners.neigh_table import grown, shrunk
-from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, recorded, wait_until
+from helpers import (
+    BPFTUNE,
+    VERIFY_WINDOWS,
+    daemon,
+    netns_cookie,
+    ns_prefix,
+    read_sysctl,
+    recorded,
+    verdict,
+    wait_until,
+)
 from pcp_helpers import pmda_installed, pminfo
 
 THRESH = tuple(f"net.ipv4.neigh.default.gc_thresh{i}" for i in (1, 2, 3))
@@ -110,6 +120,24 @@ def published(name: str) -> dict[str, int]:
     (tuner,) = (t for t in state["tuners"] if t["name"] == "neigh_table")
     (value,) = (p["value"] for p in tuner["published"] if p["name"] == name)
     return value
+
+
+def test_growth_for_a_full_table_is_kept(tmp_path, squeezed, hosts, neighbours):
+    """Verified changes: new neighbours at 3 a second make the window before the change
+    active (allocations) with no refusals; 120 at once fill the table, which grows (a
+    series of steps); after a flush, new neighbours at 3 a second again over the window
+    after the change, none refused: kept, with the host's ARP refusals as evidence. The
+    host is otherwise quiet (neighbours added over netlink are no packets): the verifier
+    samples neighbour tables then too."""
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d:
+        assert neighbours.add(15, pause=0.33) == 0  # the before window, 5 s
+        neighbours.add(120)
+        d.wait_for(re.escape(NEARLY_FULL), timeout=5)
+        neighbours.flush()
+        assert neighbours.add(15, pause=0.33) == 0  # the after window
+        before, _, after = verdict(d, "neigh_table", TUNABLE, "neigh refusals/1000 allocs")
+        assert after <= max(before, 1)  # at most the floor of a clear rise
+        assert thresholds()[2] > SQUEEZED[2]
 
 
 def test_a_full_table_grows_and_stops_refusing_neighbours(tmp_path, squeezed, hosts,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,12 +34,24 @@ from bpftune.log import log
 from bpftune.sysctl import SysctlError
 from bpftune.tuners import net_buffer
 from bpftune.tuners.net_buffer import NetBufferTuner as T
-from helpers import BPFTUNE, Iperf, daemon, ns_prefix, read_sysctl, wait_until
+from helpers import (
+    BPFTUNE,
+    VERIFY_WINDOWS,
+    Iperf,
+    daemon,
+    ns_prefix,
+    paced_udp,
+    read_sysctl,
+    verdict,
+    wait_until,
+)
 
 BACKLOG, BITMAP = "net.core.netdev_max_backlog", "net.core.flow_limit_cpu_bitmap"
 BUDGET, USECS = "net.core.netdev_budget", "net.core.netdev_budget_usecs"
 HIGH_ORDER = "net.core.high_order_alloc_disable"
 TINY_BACKLOG, TINY_BUDGET = 8, 2
+# Squeezed by the TCP transfer's 45-segment bursts, not by datagrams that come one at a time.
+SMALL_BUDGET = 16
 PORT = 5321
 GROW_LINE = "Due to excessive drops, change net.core.netdev_max_backlog from "
 BACKLOG_SCENARIO = ("Scenario 'need to increase max backlog size' occurred for tunable "
@@ -176,6 +189,35 @@ def test_backlog_grows_under_cpu_backlog_drops_and_rolls_back(tmp_path, sysctls,
     # -R put back what the daemon found.
     assert backlog() == TINY_BACKLOG
     assert read_sysctl(BITMAP) == "0" and read_sysctl(HIGH_ORDER) == "1"
+
+
+def test_backlog_growth_that_ends_the_drops_is_kept(tmp_path, sysctls, hosts):
+    """Verified changes: steady datagrams into the test netns (1000 a second, one at a
+    time: a backlog of 8 holds them) make the window before the change active with no
+    drops; a 1 s TCP transfer drops at the backlog and grows it (a series of steps, and
+    the flow limit on the dropping CPU); the steady traffic goes on over the window after
+    it. Both changes are kept, with the host's backlog drops as evidence. The transfer's
+    time squeezes grow the NAPI budgets too (16 packets: datagrams that come one at a time
+    are not squeezed): kept, with time squeezes and CPU wait as evidence."""
+    no_tso(hosts.global_if)
+    no_tso(hosts.ns_if, hosts.ns)
+    sysctls.set(BACKLOG, str(TINY_BACKLOG))
+    sysctls.set(BITMAP, "0")
+    sysctls.set(BUDGET, str(SMALL_BUDGET))
+    with iperf_server(hosts.ns, hosts.ns_addr), daemon(tmp_path, env=VERIFY_WINDOWS) as d, \
+            paced_udp((hosts.ns_addr, PORT + 1), 1000):
+        time.sleep(5)  # the before window
+        burst = transfer(None, hosts.ns_addr, 1)
+        assert burst.drops_per_s > 100, f"no backlog drops to tune for: {burst}"
+        assert backlog() > TINY_BACKLOG
+        for tunable in (BACKLOG, BITMAP):
+            before, _, after = verdict(d, "net_buffer", tunable, "backlog drops/1000 pkts")
+            assert after <= max(before, 1)  # at most the floor of a clear rise
+        for tunable in (BUDGET, USECS):  # grown together, for the transfer's squeezes
+            before, _, after = verdict(d, "net_buffer", tunable, "time squeezes/1000 pkts")
+            assert after <= max(before, 1)
+        assert re.search(rf"Verdict kept for '{BUDGET}' .*, CPU wait % [\d.]+±", d.log)
+        assert backlog() > TINY_BACKLOG and read_sysctl(BITMAP) != "0"
 
 
 def test_netns_traffic_tunes_global_limits_until_an_administrator_takes_over(

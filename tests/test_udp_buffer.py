@@ -4,6 +4,7 @@ decisions over an in-memory kernel (test_tcp_buffer_logic's) through the real ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from statistics import mean, median
 from types import SimpleNamespace
 
@@ -28,13 +30,16 @@ from bpftune.tuners import udp_buffer
 from bpftune.tuners.udp_buffer import UdpBufferTuner as T
 from helpers import (
     REPO,
+    VERIFY_WINDOWS,
     Iperf,
     daemon,
     netns_cookie,
     ns_prefix,
+    paced_udp,
     read_sysctl,
     recorded,
     values,
+    verdict,
     wait_until,
 )
 from test_tcp_buffer import PAGE, fake_ram_daemon
@@ -113,26 +118,59 @@ BURST_SENDER = textwrap.dedent("""\
     """)
 
 
-def batch_transfer(sender_ns: str | None, receiver_ns: str | None, address: str) -> float:
-    """4000 datagrams of 1400 bytes, about 20 a millisecond, to a new BATCH_RECEIVER
-    socket; returns 0 (the caller counts the receive-buffer drops)."""
-    receiver = subprocess.Popen([*ns_prefix(receiver_ns), sys.executable, "-c",
-                                 BATCH_RECEIVER, address, str(PORT)], stdout=subprocess.PIPE,
-                                text=True)
+@contextlib.contextmanager
+def batch_receiver(ns: str | None, address: str) -> Iterator[subprocess.Popen]:
+    """A BATCH_RECEIVER socket, ready: it ends 0.3 s after the last datagram (or is
+    killed)."""
+    receiver = subprocess.Popen([*ns_prefix(ns), sys.executable, "-c", BATCH_RECEIVER,
+                                 address, str(PORT)], stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout.readline().strip() == "ready"
-        subprocess.run([*ns_prefix(sender_ns), sys.executable, "-c", BURST_SENDER, address,
-                        str(PORT)], check=True, timeout=60)
-        receiver.wait(timeout=30)
+        yield receiver
     finally:
         if receiver.poll() is None:
             receiver.kill()
-            receiver.wait(timeout=10)
+        receiver.wait(timeout=10)
+
+
+def burst(sender_ns: str | None, address: str) -> None:
+    """BURST_SENDER's 4000 datagrams of 1400 bytes, about 20 a millisecond."""
+    subprocess.run([*ns_prefix(sender_ns), sys.executable, "-c", BURST_SENDER, address,
+                    str(PORT)], check=True, timeout=60)
+
+
+def batch_transfer(sender_ns: str | None, receiver_ns: str | None, address: str) -> float:
+    """A burst to a new BATCH_RECEIVER socket; returns 0 (the caller counts the
+    receive-buffer drops)."""
+    with batch_receiver(receiver_ns, address) as receiver:
+        burst(sender_ns, address)
+        receiver.wait(timeout=30)
     return 0.0
 
 
 def growth_steps(log: str, name: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in re.findall(GROWTH.format(re.escape(name)), log)]
+
+
+def test_rmem_default_growth_that_leaves_no_drops_is_kept(tmp_path, sysctls, hosts):
+    """Verified changes: a batch receiver in the test netns keeps up with a steady 500
+    datagrams a second (the window before the change: active, no drops); a burst it drops
+    grows rmem_default (one step: the socket keeps its buffer, so its later drops are
+    stale); the steady pace goes on over the window after the change with no more drops
+    than before, so the change is kept, with the UDP rcvbuf drops of the namespace as
+    evidence."""
+    sysctls.set(RMEM_DEFAULT, str(SQUEEZED))
+    sysctls.set(RMEM_MAX, str(SQUEEZED))
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d, batch_receiver(hosts.ns, hosts.ns_addr), \
+            paced_udp((hosts.ns_addr, PORT), 500):
+        time.sleep(5)  # the before window
+        drops = udp_counters(hosts.ns)["RcvbufErrors"]
+        burst(None, hosts.ns_addr)
+        assert udp_counters(hosts.ns)["RcvbufErrors"] > drops + 100
+        d.wait_for(GROWTH.format(re.escape(RMEM_DEFAULT)), timeout=5)
+        before, _, after = verdict(d, "udp_buffer", RMEM_DEFAULT, "UDP rcvbuf drops/1000")
+        assert after <= max(before, 1)  # at most the floor of a clear rise above before
+        assert int(read_sysctl(RMEM_DEFAULT)) > SQUEEZED
 
 
 def test_dropping_receivers_grow_rmem_default_and_lose_less(tmp_path, sysctls, hosts):

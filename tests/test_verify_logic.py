@@ -11,6 +11,7 @@ from bpftune.changes import Changes, StateFile
 from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import TcpBufferTuner
 from bpftune.verify import (
+    ARP_REFUSALS,
     RETRANS,
     Figure,
     History,
@@ -212,12 +213,14 @@ def test_idle_after_window_is_inconclusive():
     assert changes.audited[-1][3]["reason"] == "no traffic after the change"
 
 
-def test_a_quiet_host_samples_only_open_verifications():
+def test_a_quiet_host_samples_only_open_verifications_and_unpacketed_figures():
     c, packets = Counters(), [0]
     changes = FakeChanges()
-    sampler = Sampler(changes.namespaces, [RETRANS], W, readers={"snmp": c.read},
+    neigh = {"arp_cache:table_fulls": 0, "arp_cache:allocs": 0}
+    sampler = Sampler(changes.namespaces, [RETRANS, ARP_REFUSALS], W,
+                      readers={"snmp": c.read, "neigh": lambda keys: dict(neigh)},
                       packets=lambda: packets[0])
-    v = Verifier(changes, [RETRANS], W, sampler)
+    v = Verifier(changes, [RETRANS, ARP_REFUSALS], W, sampler)
     v.warm(7)
 
     def ticks(n: int, pps: int) -> None:
@@ -226,16 +229,19 @@ def test_a_quiet_host_samples_only_open_verifications():
             c.step(1000, 0)
             v.tick(float(sampler.index + 1))
 
-    ticks(3, 5000)  # busy: global and the warm namespace
+    ticks(3, 5000)  # busy: global and the warm namespace, every figure
     assert [len(sampler.rings[s]) for s in (0, 7)] == [3, 3]
     history = sampler.history[(7, RETRANS.label)].n
-    ticks(4, 10)  # quiet: neither, and nothing forgotten
-    assert [len(sampler.rings[s]) for s in (0, 7)] == [3, 3]
+    ticks(4, 10)  # quiet: the warm namespace is not read, and nothing is forgotten
+    assert len(sampler.rings[7]) == 3
     assert sampler.history[(7, RETRANS.label)].n == history
+    # ... while neighbours, which are not packets, are still counted in the global scope
+    assert [sorted(s.counters) for s in list(sampler.rings[0])[-4:]] == [sorted(neigh)] * 4
     changes.live[(RMEM.name, 7)] = (1, 2, 4)
     v.changed(fake_tuner(), RMEM, 0, 7, 7, (1, 2, 3), (1, 2, 4))
     ticks(2, 10)  # quiet, but a verification is open there
-    assert [sampler.rings[s][-1].index for s in (0, 7)] == [sampler.index] * 2
+    assert sampler.rings[7][-1].index == sampler.index
+    assert "Tcp:OutSegs" in sampler.rings[7][-1].counters
 
 
 def test_revert_restores_keeps_the_original_and_holds(ns_changes):

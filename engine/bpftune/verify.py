@@ -31,10 +31,15 @@ if TYPE_CHECKING:
     from bpftune.tuner import Tunable, Tuner
 
 GLOBAL = 0
-MAX_SAMPLED = 32  # namespaces sampled besides the global one and those being verified
-# Host-wide packets a second below which only open verifications are sampled: a tick with
-# fewer has too few segments to count as active for any figure (RETRANS needs 50), and an
-# idle host then pays one softnet_stat read a second, not a read per sampled namespace.
+# Namespaces sampled besides the global one and those being verified: a namespace's
+# counters take 0.28 ms to read (netstat alone 0.15: the kernel sums them per CPU), so 16
+# keep a busy host's sampling within 0.5 % of a CPU (bench: "verified changes: sampler").
+MAX_SAMPLED = 16
+# Host-wide packets a second below which only open verifications' namespaces, and the
+# global figures whose activity is not packets, are sampled: an idle host pays a few small
+# reads a second, not three files per namespace. Most packet figures need 50 or more a
+# tick to count; reassembly needs 10 fragments, so a namespace reassembling 10 to 99 a
+# second on an otherwise quiet host gets no baseline.
 QUIET_PPS = 100
 HISTORY_ALPHA = 1 / 60  # long-run mean and variance of a figure, per active tick
 HISTORY_MIN_TICKS = 30  # active ticks before the long-run history may stand for a baseline
@@ -45,6 +50,7 @@ SNMP = "snmp"  # /proc/thread-self/net/{netstat,snmp,snmp6} of the scope
 SOFTNET = "softnet"  # /proc/net/softnet_stat (global)
 SCHED = "sched"  # schedstat or PSI (global)
 NEIGH = "neigh"  # /proc/net/stat/{arp,ndisc}_cache (global)
+UNPACKETED = frozenset({SCHED, NEIGH})  # sampled on quiet ticks too
 
 # Each reads the counters of its source; given the keys the figures need.
 Reader = Callable[[set[str]], dict[str, int]]
@@ -378,12 +384,16 @@ class Sampler:
         scopes = self.scopes()
         for stale in set(self.rings) - set(scopes):
             self._drop(stale)
-        if self.quiet(now):  # idle ticks: no window needs them but open verifications'
-            pinned = [c for c, n in self.pinned.items() if n > 0]
-            scopes = [GLOBAL, *pinned] if pinned else []
+        quiet = self.quiet(now)
+        pinned = {c for c, n in self.pinned.items() if n > 0}
         for cookie in scopes:
+            only = None
+            if quiet and cookie not in pinned:  # its packet figures' ticks would not count
+                if cookie != GLOBAL:
+                    continue
+                only = UNPACKETED
             try:
-                counters = self._read(cookie)
+                counters = self._read(cookie, only)
             except (OSError, NetnsError, ValueError) as e:
                 log.debug(f"verify: cannot sample netns cookie {cookie}: {e}")
                 continue
@@ -392,8 +402,11 @@ class Sampler:
                 self._learn(cookie, ring[-1], counters, now)
             ring.append(Sample(self.index, now, counters))
 
-    def _read(self, cookie: int) -> dict[str, int]:
+    def _read(self, cookie: int, only: frozenset[str] | None = None) -> dict[str, int]:
+        """The counters of the scope's figures (of the ``only`` sources, if given)."""
         wanted = self.figures if cookie == GLOBAL else self._netns_figures()
+        if only is not None:
+            wanted = tuple(f for f in wanted if f.source in only)
         sources = {f.source for f in wanted}
         keys = set().union(*(f.keys() for f in wanted)) if wanted else set()
         found: dict[str, int] = {}
