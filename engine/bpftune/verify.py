@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 GLOBAL = 0
 # Namespaces sampled besides the global one and those being verified: a namespace's
 # counters take 0.28 ms to read (netstat alone 0.15: the kernel sums them per CPU), so 16
-# keep a busy host's sampling within 0.5 % of a CPU (bench: "verified changes: sampler").
+# keep a busy host's sampling near 0.5 % of a CPU (bench: "verified changes: sampler").
 MAX_SAMPLED = 16
 # Host-wide packets a second below which only open verifications' namespaces, and the
 # global figures whose activity is not packets, are sampled: an idle host pays a few small
