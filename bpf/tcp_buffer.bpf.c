@@ -110,13 +110,41 @@ KFUNC_PROBE(tcp_sndbuf_expand, void *sk)	/* only when the kernel grows sk_sndbuf
 	return 0;
 }
 #endif
+#ifdef HOOK_RAW_TP_tcp_probe
+/* The smoothed RTT of sampled senders per netns, for verified changes (the "sRTT us"
+ * figure, read by TcpBufferTuner.figure_counters): userspace takes per-second differences
+ * of the sums. Entries of namespaces that are gone are deleted by userspace. */
+struct rtt_sum {
+	u64 sum_us;
+	u64 samples;
+};
+BPF_TABLE("lru_hash", u64, struct rtt_sum, netns_rtt, 1024);
+
+/* Only a socket with data queued: a pure receiver's srtt is stale (it is updated by ACKs of
+ * its own data). tcp_sock.srtt_us holds 8 times the smoothed RTT. */
+static __always_inline void add_rtt(void *sk)
+{
+	struct rtt_sum fresh = {}, *sum;
+	u64 cookie = net_cookie(sk_net(sk));
+	u32 srtt_us = 0;
+
+	READ_AT(srtt_us, sk, OFF_TCP_SRTT_US);
+	sum = netns_rtt.lookup(&cookie);
+	if (!sum) {	/* the first sample in this netns: a race may lose one, no matter */
+		fresh.sum_us = srtt_us >> 3;
+		fresh.samples = 1;
+		netns_rtt.update(&cookie, &fresh);
+		return;
+	}
+	__sync_fetch_and_add(&sum->sum_us, srtt_us >> 3);
+	__sync_fetch_and_add(&sum->samples, 1);
+}
+
 /* Every segment received, so on a receiver the data and on a sender the ACKs that free send
  * space: receive buffers, and send buffers where fentry is refused, are looked at here,
- * sampled. Only a socket
- * receiving data (the segment has some: TCP_SKB_CB's end_seq is past its seq) is a receiver,
- * only one with data queued is a sender: the other buffer of each stays at its default and
- * must not look full. */
-#ifdef HOOK_RAW_TP_tcp_probe
+ * sampled; so is senders' sRTT. Only a socket receiving data (the segment has some:
+ * TCP_SKB_CB's end_seq is past its seq) is a receiver, only one with data queued is a
+ * sender: the other buffer of each stays at its default and must not look full. */
 RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb) */
 {
 	void *sk = (void *)ctx->args[0], *skb = (void *)ctx->args[1];
@@ -136,10 +164,14 @@ RAW_TRACEPOINT_PROBE(tcp_probe)	/* (sk, skb) */
 	if (!sampled_in(SAMPLE_SNDBUF))
 		return 0;
 #endif
-#ifdef SAMPLE_SNDBUF_BY_RAW_TP_tcp_probe
+	/* Senders: their RTT always (also where the send watch uses fentry), their send
+	 * buffer here unless fentry watches it. */
 	READ_AT(queued, sk, OFF_SK_WMEM_QUEUED);
-	if (queued > 0)
-		send_buffer_growth(CURRENT_PID, sk);
+	if (queued <= 0)
+		return 0;
+	add_rtt(sk);
+#ifdef SAMPLE_SNDBUF_BY_RAW_TP_tcp_probe
+	send_buffer_growth(CURRENT_PID, sk);
 #endif
 	return 0;
 }

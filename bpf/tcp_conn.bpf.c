@@ -12,7 +12,10 @@
  *  - STATE to FIN_WAIT1 or CLOSE_WAIT, for a known host: score the connection's algorithm
  *    (read back from the socket): the cost is how far its min RTT is above the host's best
  *    and its delivery rate below the host's best (parts per million each), folded into the
- *    algorithm's learned cost.
+ *    algorithm's learned cost. Its delivery rate and min RTT are also summed per host and
+ *    algorithm, for userspace to verify a host's switch to BBR (verified changes).
+ *  - A host whose switch to BBR made it worse is held (`bbr_hold`, set by userspace): its
+ *    lossy connections are not switched until then.
  * Nothing is kept per connection: socket storage's first allocation on a socket is costly,
  * and without it this program's run time (bpf_stats, stress-ng --sock) fell from 6.0 to
  * 4.6 us per connection.
@@ -62,6 +65,8 @@ struct alg_state {
 	s64 metric;		/* learned cost, lower is better; 0 until measured */
 	u64 count;		/* connections measured */
 	u64 greedy;		/* of them, with no other algorithm's cost lower */
+	u64 sum_rate;		/* their delivery rates (bytes/s), summed */
+	u64 sum_rtt;		/* their min RTTs (µs), summed */
 };
 
 struct host_state {
@@ -80,8 +85,9 @@ struct alg_name {
 /* The event payload (TcpConnTuner.payload): a connection switched to BBR for loss. */
 struct loss_report {
 	u32 addr[4];		/* the peer */
+	u32 host[4];		/* the host its learning belongs to (host_key.addr) */
 	u32 family;
-	u32 pad;
+	s32 from_alg;		/* the algorithm it had (index in `algorithms`), or -1 */
 	u64 switches;		/* the host's switches so far */
 	u64 retrans;
 	u64 segs_out;
@@ -92,8 +98,14 @@ BPF_ARRAY(algorithms, struct alg_name, MAX_ALGS);
 BPF_PERCPU_ARRAY(choices, u64, MAX_ALGS);	/* connections set to each algorithm */
 BPF_ARRAY(thin_timeouts, u64, 1);		/* connections given thin linear timeouts */
 BPF_ARRAY(loss_budget, struct rate_window, 1);
+/* Where a new host's state is made: on the stack, with the event a loss report builds,
+ * it passes the 512 bytes BPF programs may use. */
+BPF_PERCPU_ARRAY(host_space, struct host_state, 1);
 /* namespaces handed over to an administrator (by a write to a tunable there) */
 BPF_HASH(manual_netns, u64, u8, 4096);
+/* hosts not switched to BBR on loss until then (ns, bpf_ktime_get_ns), set by userspace
+ * when a switch made a host's connections clearly worse */
+BPF_TABLE("lru_hash", struct host_key, u64, bbr_hold, 1024);
 
 /* A kernel pointer, unlike ops->sk, allows reads at field offsets. */
 static __always_inline void *kernel_sock(struct bpf_sock *sk)
@@ -228,16 +240,22 @@ static __always_inline s32 choose(struct host_state *host)
 
 static __always_inline void established(struct bpf_sock_ops *ops, struct bpf_sock *bsk)
 {
-	struct host_state fresh = { .instances = 1 }, *host;
+	struct host_state *host, *fresh;
 	struct host_key key = {};
 	void *sk = kernel_sock(bsk);
+	int zero = 0;
 
 	if (!host_of(ops, sk, &key) || manual_netns.lookup(&key.netns_cookie))
 		return;
 	set_flags(ops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG, 0);
 	host = hosts.lookup(&key);
 	if (!host) {
-		hosts.update(&key, &fresh);
+		fresh = host_space.lookup(&zero);
+		if (fresh) {
+			__builtin_memset(fresh, 0, sizeof(*fresh));
+			fresh->instances = 1;
+			hosts.update(&key, fresh);
+		}
 		return;
 	}
 	if (__sync_fetch_and_add(&host->instances, 1) + 1 >= KNOWN_AFTER)
@@ -251,7 +269,7 @@ static __always_inline bool known(struct host_state *host)
 }
 
 static __always_inline void report_loss(struct bpf_sock_ops *ops, struct host_key *key,
-					struct host_state *host)
+					struct host_state *host, s32 from_alg)
 {
 	struct loss_report report = {};
 	u64 now = bpf_ktime_get_ns();
@@ -263,7 +281,9 @@ static __always_inline void report_loss(struct bpf_sock_ops *ops, struct host_ke
 		return;
 	host->last_loss_report = now;
 	peer_address(ops, report.addr);
+	__builtin_memcpy(report.host, key->addr, sizeof(report.host));
 	report.family = ops->family;
+	report.from_alg = from_alg;
 	report.switches = host->bbr_switches;
 	report.retrans = ops->total_retrans;
 	report.segs_out = ops->segs_out;
@@ -276,12 +296,14 @@ static __always_inline void retransmitted(struct bpf_sock_ops *ops, struct bpf_s
 	struct host_key key = {};
 	struct host_state *host = NULL;
 	int zero = 0, thin = 1;
-	u64 *thinned;
+	u64 *thinned, *until;
+	s32 was;
 
 	if (ALG_BBR < 0 || ops->total_retrans <= ops->segs_out >> 6)
 		return;
 	set_flags(ops, 0, BPF_SOCK_OPS_RETRANS_CB_FLAG);	/* decided, once */
-	if (current_algorithm(bsk) == ALG_BBR)
+	was = current_algorithm(bsk);
+	if (was == ALG_BBR)
 		return;
 	if (host_of(ops, kernel_sock(bsk), &key))
 		host = hosts.lookup(&key);
@@ -292,10 +314,13 @@ static __always_inline void retransmitted(struct bpf_sock_ops *ops, struct bpf_s
 		if (thinned)
 			__sync_fetch_and_add(thinned, 1);
 	}
+	until = bbr_hold.lookup(&key);
+	if (until && bpf_ktime_get_ns() < *until)
+		return;
 	if ((set_algorithm(ops, bsk, ALG_BBR) != 0 && !ADVISING) || !host)
 		return;
 	__sync_fetch_and_add(&host->bbr_switches, 1);
-	report_loss(ops, &key, host);
+	report_loss(ops, &key, host, was);
 }
 
 /* v moves 1/2^RL_SHIFT of the way to gain (upstream's rl_update). */
@@ -359,6 +384,8 @@ static __always_inline void closing(struct bpf_sock_ops *ops, struct bpf_sock *b
 		a->greedy++;
 	a->metric = rl_update(a->metric, cost);
 	a->count++;
+	a->sum_rate += rate;
+	a->sum_rtt += rtt;
 }
 
 int conn_tuner(struct bpf_sock_ops *ops)

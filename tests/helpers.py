@@ -301,6 +301,11 @@ def bpftune_state() -> dict:
     return json.loads(out)
 
 
+def tuner_state(name: str) -> dict:
+    """One tuner's part of ``bpftune -q state``."""
+    return next(t for t in bpftune_state()["tuners"] if t["name"] == name)
+
+
 def verdict(d: Daemon, tuner: str, tunable: str, figure: str, expected: str = "kept",
             timeout: float = 30) -> tuple[float, float, float]:
     """Wait for the first verdict on ``tunable``'s change by ``tuner`` (a series of steps
@@ -313,7 +318,7 @@ def verdict(d: Daemon, tuner: str, tunable: str, figure: str, expected: str = "k
     evidence = re.search(rf"{re.escape(figure)} ([\d.]+)±([\d.]+) -> ([\d.]+)", m[2])
     assert evidence, m[0]
     assert f"Reverting '{tunable}'" not in d.log
-    (snap,) = (t for t in bpftune_state()["tuners"] if t["name"] == tuner)
+    snap = tuner_state(tuner)
     assert snap["verdicts"][expected] >= 1, snap["verdicts"]
     (found,) = (t for t in snap["tunables"] if t["name"] == tunable)
     last = [ns["verdict"] for ns in found["netns"].values() if "verdict" in ns]

@@ -23,7 +23,16 @@ from bpftune.bpf import Cgroup, Programs
 from bpftune.btf import Btf
 from bpftune.learning import LearningRate
 from bpftune.render import render_pcp
-from helpers import BPFTUNE, daemon, netns_cookie, ns_prefix, read_sysctl, wait_until
+from helpers import (
+    BPFTUNE,
+    VERIFY_WINDOWS,
+    daemon,
+    netns_cookie,
+    ns_prefix,
+    read_sysctl,
+    tuner_state,
+    wait_until,
+)
 from pcp_helpers import pmda_installed, pminfo
 
 PORT = 5311
@@ -56,18 +65,30 @@ def cubic_ns(hosts, sysctls):
     return hosts
 
 
+LOSS = "numgen random mod 100 < 10 drop"  # 10% of the packets
+
+
+def drop(hosts, *rules: str) -> None:
+    """Packets the test namespace sends to PORT are dropped on arrival in the global one,
+    by each rule (the table is replaced: ``drop(hosts)`` leaves none)."""
+    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False,
+                   capture_output=True)
+    if rules:
+        text = (f"add table inet {NFT_TABLE}\n"
+                f"add chain inet {NFT_TABLE} in {{ type filter hook input priority 0; }}\n"
+                + "".join(f"add rule inet {NFT_TABLE} in iifname {hosts.global_if} tcp dport "
+                          f"{PORT} {rule}\n" for rule in rules))
+        subprocess.run(["nft", "-f", "-"], input=text, text=True, check=True)
+
+
 @pytest.fixture
 def lossy(cubic_ns):
     """10% of the packets the test namespace sends to PORT are dropped on arrival."""
-    rules = (f"add table inet {NFT_TABLE}\n"
-             f"add chain inet {NFT_TABLE} in {{ type filter hook input priority 0; }}\n"
-             f"add rule inet {NFT_TABLE} in iifname {cubic_ns.global_if} tcp dport {PORT} "
-             f"numgen random mod 100 < 10 drop\n")
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    drop(cubic_ns, LOSS)
     try:
         yield cubic_ns
     finally:
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+        drop(cubic_ns)
 
 
 class Sink:
@@ -173,6 +194,106 @@ def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
     assert d.log.count(f"due to loss events for {hosts.global_addr}") == 1
     assert (read_sysctl(DEFAULT), read_sysctl(DEFAULT, hosts.ns)) == defaults
     assert re.search(r"# Summary: tcp_conn_tuner: +bbr +[1-9]", d.log)
+
+
+# Verified switches: short windows, and connections to the sink one after another.
+EVIDENCE = (r"delivery rate MB/s ([\d.]+)±[\d.]+ -> ([\d.]+)(?: \(limit [\d.]+\))?, "
+            r"min RTT us ([\d.]+)±[\d.]+ -> ([\d.]+)(?: \(limit [\d.]+\))?")
+
+
+class Stream:
+    """Connections from the test namespace to the sink, 0.25 MB each, one after another
+    until stopped: the host has connections closing every second."""
+
+    def __init__(self, hosts) -> None:
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(hosts,), daemon=True)
+        self.thread.start()
+
+    def _run(self, hosts) -> None:
+        pyroute2_netns.setns(hosts.ns)
+        while not self.stopped.is_set():
+            with contextlib.suppress(OSError):
+                send(hosts.global_addr, 0.25)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def streaming(hosts):
+    sink = Sink(hosts.global_addr)
+    stream = Stream(hosts)
+    try:
+        yield
+    finally:
+        stream.stop()
+        sink.close()
+        drop(hosts)
+
+
+def tcp_conn_state() -> dict:
+    return tuner_state("tcp_conn")
+
+
+def switched(d, hosts) -> None:
+    """Loss until the host's connections are switched to BBR (its first switch)."""
+    drop(hosts, LOSS)
+    d.wait_for(rf"due to loss events for {re.escape(hosts.global_addr)} in netns "
+               rf"'{hosts.ns}', specify 'bbr'", timeout=30)
+
+
+def test_a_switch_to_bbr_that_does_no_harm_is_kept(tmp_path, cubic_ns):
+    """Connections before (no loss), loss that switches one to BBR, then no loss again:
+    the host's connections are as before, and the switch is kept."""
+    hosts = cubic_ns
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d, streaming(hosts):
+        time.sleep(6)  # a known host (4 connections), and a window before the switch
+        switched(d, hosts)
+        drop(hosts)
+        # from cubic, or another algorithm tcp_conn was trying on that connection
+        m = d.wait_for(rf"Verdict kept for 'TCP congestion control' in netns '{hosts.ns}' "
+                       rf"for {re.escape(hosts.global_addr)} \(\w+\) -> \(bbr\) "
+                       rf"\(tcp_conn\): {EVIDENCE}", timeout=30)
+        assert all(float(x) > 0 for x in m.groups()), m[0]
+        assert tcp_conn_state()["verdicts"]["kept"] >= 1
+        assert "Holding 'bbr'" not in d.log
+
+
+def test_a_switch_to_bbr_after_which_the_host_is_worse_is_held(tmp_path, cubic_ns):
+    """As above, but right after the switch the namespace's link is shaped to 8 Mbit/s
+    (tbf: this kernel has no netem), which makes BBR look worse, as tests/test_verify.py
+    does for tcp_rmem: the delivery rate falls, and the host is held: lossy connections to
+    it are not switched again."""
+    hosts = cubic_ns
+    audit_file = tmp_path / "audit.jsonl"
+    host = f"{hosts.ns}/{hosts.global_addr}"
+    with daemon(tmp_path, "--audit-file", str(audit_file), env=VERIFY_WINDOWS) as d, \
+            streaming(hosts):
+        time.sleep(6)
+        switched(d, hosts)
+        subprocess.run([*ns_prefix(hosts.ns), "tc", "qdisc", "add", "dev", hosts.ns_if,
+                        "root", "tbf", "rate", "8mbit", "burst", "16kb", "latency", "50ms"],
+                       check=True)
+        m = d.wait_for(rf"Holding 'bbr' for {re.escape(hosts.global_addr)} in netns "
+                       rf"'{hosts.ns}' \(tcp_conn\): {EVIDENCE}; lossy connections keep "
+                       rf"their algorithm for 30 s", timeout=30)
+        assert float(m[2]) < 0.8 * float(m[1]), m[0]
+        d.wait_for(rf"Verdict reverted for 'TCP congestion control' in netns '{hosts.ns}' "
+                   rf"for {re.escape(hosts.global_addr)}", timeout=5)
+        assert tcp_conn_state()["verdicts"]["reverted"] >= 1
+        # held: lossy connections go on, and none is switched to BBR
+        drop(hosts, LOSS)
+        switches = published("bbr_switches")[host]
+        time.sleep(3)
+        assert published("bbr_switches")[host] == switches
+    records = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    kinds = [(r["kind"], r.get("verdict"), r.get("subject")) for r in records
+             if r.get("tuner") == "tcp_conn"]
+    assert kinds.index(("revert", "reverted", hosts.global_addr)) < kinds.index(
+        ("verdict", "reverted", hosts.global_addr)), kinds
 
 
 def test_without_loss_the_learner_tries_each_algorithm_per_host(tmp_path, hosts):
@@ -293,7 +414,8 @@ def conn_tuner():
     lines: list[str] = []
     changes = SimpleNamespace(report=lambda tuner, tunable, scenario, cookie, reason:
                               lines.append(reason), advice=None)
-    tuner = TcpConnTuner(SimpleNamespace(namespaces=FakeNamespaces(), changes=changes), 0)
+    tuner = TcpConnTuner(SimpleNamespace(namespaces=FakeNamespaces(), changes=changes,
+                                         verifier=None), 0)
     now = [1000.0]
     tuner.clock = lambda: now[0]
     return tuner, lines, now

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BPFTUNE, daemon, read_sysctl, values, wait_until, write_sysctl
+from helpers import (
+    VERIFY_WINDOWS,
+    daemon,
+    read_sysctl,
+    tuner_state,
+    values,
+    wait_until,
+    write_sysctl,
+)
 
 NS = "bt-verify"
 RMEM = "net.ipv4.tcp_rmem"
 SMALL = "4096 32768 262144"
-WINDOWS = {"BPFTUNE_TEST_VERIFY": "before=4,after=4,grace=1,hold=30,min_active=2"}
 FLOW = Path(__file__).with_name("verify_flow.py")
 GROWN = rf"Due to need to increase max buffer size .*{re.escape(RMEM)}"
 
@@ -85,14 +92,8 @@ def harm() -> None:
        "{ 5301, 5302 }", "numgen", "random", "mod", "100", "<", "5", "drop")
 
 
-def state() -> dict:
-    out = subprocess.run([BPFTUNE, "-q", "state"], capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out)
-
-
-def tcp_buffer(snap: dict) -> dict:
-    return next(t for t in snap["tuners"] if t["name"] == "tcp_buffer")
+def tcp_buffer() -> dict:
+    return tuner_state("tcp_buffer")
 
 
 def audit(path: Path) -> list[dict]:
@@ -101,7 +102,7 @@ def audit(path: Path) -> list[dict]:
 
 def test_a_change_that_hurts_is_reverted_with_evidence_and_held(tmp_path, flows):
     audit_file = tmp_path / "audit.jsonl"
-    with daemon(tmp_path, "--audit-file", str(audit_file), env=WINDOWS) as d:
+    with daemon(tmp_path, "--audit-file", str(audit_file), env=VERIFY_WINDOWS) as d:
         flows(5301, lock_rcvbuf=True)  # activity only
         b = flows(5302, lock_rcvbuf=False)
         time.sleep(5)  # the before window
@@ -111,12 +112,14 @@ def test_a_change_that_hurts_is_reverted_with_evidence_and_held(tmp_path, flows)
         harm()
         m = d.wait_for(rf"Reverting '{re.escape(RMEM)}' in netns '{NS}' from \(.*\) to "
                        rf"\(4096 32768 262144\) \(tcp_buffer\): retransmits/segment "
-                       rf"([\d.]+)±[\d.]+ -> ([\d.]+) \(limit [\d.]+\).*held for 30 s",
-                       timeout=30)
+                       rf"([\d.]+)±[\d.]+ -> ([\d.]+) \(limit [\d.]+\).*"
+                       rf"sRTT us ([\d.]+)±[\d.]+ -> ([\d.]+).*held for 30 s", timeout=30)
         assert float(m[2]) >= float(m[1]) + 0.01
+        # senders' sRTT (tcp_buffer's BPF map) over loopback: measured, tens of us
+        assert 0 < float(m[3]) < 1000 and float(m[4]) > 0
         assert values(read_sysctl(RMEM, NS)) == [4096, 32768, 262144]
         d.wait_for(rf"Verdict reverted for '{re.escape(RMEM)}' in netns '{NS}'", timeout=5)
-        snap = tcp_buffer(state())
+        snap = tcp_buffer()
         assert snap["verdicts"]["reverted"] >= 1
         assert any(h["tunable"] == RMEM and h["netns"] == NS for h in snap["held"])
         rmem = next(t for t in snap["tunables"] if t["name"] == RMEM)
@@ -132,21 +135,22 @@ def test_a_change_that_hurts_is_reverted_with_evidence_and_held(tmp_path, flows)
 
 
 def test_a_change_that_does_no_harm_is_kept(tmp_path, flows):
-    with daemon(tmp_path, env=WINDOWS) as d:
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d:
         flows(5303, lock_rcvbuf=True)
         b = flows(5304, lock_rcvbuf=False)
         time.sleep(5)
         b.set("burst")
         d.wait_for(GROWN, timeout=20)
         b.set("pace")
-        d.wait_for(rf"Verdict kept for '{re.escape(RMEM)}' in netns '{NS}'", timeout=30)
+        d.wait_for(rf"Verdict kept for '{re.escape(RMEM)}' in netns '{NS}' .*"
+                   rf"sRTT us [\d.]+±[\d.]+ -> [\d.]+", timeout=30)
         assert values(read_sysctl(RMEM, NS))[2] > 262144
         assert "Reverting" not in d.log
-        assert tcp_buffer(state())["verdicts"]["kept"] >= 1
+        assert tcp_buffer()["verdicts"]["kept"] >= 1
 
 
 def test_a_change_with_no_traffic_after_it_is_inconclusive(tmp_path, flows):
-    with daemon(tmp_path, env=WINDOWS) as d:
+    with daemon(tmp_path, env=VERIFY_WINDOWS) as d:
         a = flows(5305, lock_rcvbuf=True)
         b = flows(5306, lock_rcvbuf=False)
         time.sleep(5)
@@ -156,4 +160,4 @@ def test_a_change_with_no_traffic_after_it_is_inconclusive(tmp_path, flows):
         b.set("stop")
         d.wait_for(rf"Verdict inconclusive for '{re.escape(RMEM)}' in netns '{NS}' .*"
                    rf"no traffic after the change", timeout=30)
-        assert wait_until(lambda: tcp_buffer(state())["verdicts"]["inconclusive"] >= 1, 5)
+        assert wait_until(lambda: tcp_buffer()["verdicts"]["inconclusive"] >= 1, 5)

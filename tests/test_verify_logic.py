@@ -9,7 +9,7 @@ import pytest
 
 from bpftune.changes import Changes, StateFile
 from bpftune.netns import Namespaces
-from bpftune.tuners.tcp_buffer import TcpBufferTuner
+from bpftune.tuners.tcp_buffer import SRTT, TcpBufferTuner
 from bpftune.verify import (
     ARP_REFUSALS,
     RETRANS,
@@ -242,6 +242,124 @@ def test_a_quiet_host_samples_only_open_verifications_and_unpacketed_figures():
     ticks(2, 10)  # quiet, but a verification is open there
     assert sampler.rings[7][-1].index == sampler.index
     assert "Tcp:OutSegs" in sampler.rings[7][-1].counters
+
+
+class RttSums:
+    """What tcp_buffer's figure_counters gives: cumulative sRTT sums per netns."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, list[int]] = {}
+        self.asked: set[tuple[str, int]] = set()
+
+    def step(self, cookie: int, samples: int, srtt_us: int) -> None:
+        s = self.sums.setdefault(cookie, [0, 0])
+        s[0] += samples * srtt_us
+        s[1] += samples
+
+    def read(self, name: str, cookie: int) -> dict[str, int]:
+        self.asked.add((name, cookie))
+        total, samples = self.sums.get(cookie, (0, 0))
+        return {"rtt_sum_us": total, "rtt_samples": samples}
+
+
+@pytest.mark.parametrize("after_us, verdict", [(2000, "reverted"), (900, "kept")])
+def test_srtt_comes_from_the_tuners_counters_and_needs_a_rise_past_1_ms(after_us, verdict):
+    c, rtt, cookie = Counters(), RttSums(), 7
+    changes = FakeChanges()
+    sampler = Sampler(changes.namespaces, [RETRANS, SRTT], W, readers={"snmp": c.read},
+                      packets=None, tuner_counters=rtt.read)
+    v = Verifier(changes, [RETRANS, SRTT], W, sampler)
+    v.warm(cookie)
+
+    def run_rtt(n: int, srtt_us: int) -> None:
+        for _ in range(n):
+            rtt.step(cookie, 100, srtt_us)
+            run(v, c, 1, 1000, 0)
+
+    run_rtt(5, 50)
+    changes.live[(RMEM.name, cookie)] = (1, 2, 4)
+    v.changed(fake_tuner(), RMEM, 0, cookie, cookie, (1, 2, 3), (1, 2, 4))
+    run_rtt(7, after_us)
+    assert v.counts[("tcp_buffer", verdict)] == 1
+    evidence = changes.audited[-1][3]["evidence"]["sRTT us"]
+    assert (evidence["before"], evidence["after"]) == (50, after_us)
+    assert evidence["limit"] == 1050  # the floor: 1 ms over the mean before
+    if verdict == "reverted":
+        assert f"sRTT us 50.0±0.0 -> {after_us:.1f} (limit 1050.0)" in changes.reverts[0][4]
+    # only the tuner the figure names is asked, in each sampled scope
+    assert rtt.asked == {("tcp_buffer", 0), ("tcp_buffer", cookie)}
+
+
+def test_tcp_buffer_reads_srtt_sums_from_its_map_and_forgets_a_netns():
+    """figure_counters: the global scope is the global netns's cookie; a netns without
+    samples yet counts from zero; netns_destroyed deletes the netns's entry."""
+    class Map(dict):
+        Key = int
+
+    rtt = Map({1: SimpleNamespace(sum_us=500, samples=10),
+               9: SimpleNamespace(sum_us=30, samples=1)})
+    tuner = TcpBufferTuner.__new__(TcpBufferTuner)
+    tuner.bpf = {"netns_rtt": rtt}
+    tuner.engine = SimpleNamespace(namespaces=SimpleNamespace(global_cookie=1))
+    tuner.growth_held_until, tuner.low_memory_undo = {}, {}
+    tuner.syn_windows, tuner.syncookie_baseline = {}, {}
+    assert tuner.figure_counters(0) == {"rtt_sum_us": 500, "rtt_samples": 10}
+    assert tuner.figure_counters(5) == {"rtt_sum_us": 0, "rtt_samples": 0}
+    tuner.netns_destroyed(9)
+    tuner.netns_destroyed(5)  # none there: no error
+    assert list(rtt) == [1]
+    tuner.bpf = None
+    assert tuner.figure_counters(0) == {}
+
+
+def test_a_subject_is_judged_on_its_tuners_counters_and_undone_by_the_tuner():
+    """tcp_conn's switch of one host to BBR: figures of scope "subject" read from the
+    tuner's counters for (netns, host), no live value, the tuner's undo (its hold)."""
+    from bpftune.tuners.tcp_conn import DELIVERY_RATE, MIN_RTT, TcpConnTuner
+
+    c, sums, host = Counters(), {}, (7, "10.0.0.1")
+
+    def counters(name: str, scope) -> dict[str, int]:
+        assert name == "tcp_conn"
+        closed, rate, rtt = sums.get(scope, (0, 0, 0))
+        return {"closed": closed, "rate_sum": rate, "rtt_sum": rtt} if scope == host else {}
+
+    def connections(n: int, rate: int, rtt: int) -> None:
+        closed, total, rtts = sums.get(host, (0, 0, 0))
+        sums[host] = (closed + n, total + n * rate, rtts + n * rtt)
+
+    changes = FakeChanges()
+    figures = [RETRANS, DELIVERY_RATE, MIN_RTT]
+    sampler = Sampler(changes.namespaces, figures, W, readers={"snmp": c.read}, packets=None,
+                      tuner_counters=counters)
+    v = Verifier(changes, figures, W, sampler)
+    v.warm(host)
+    tuner = SimpleNamespace(name="tcp_conn", scenarios=TcpConnTuner.scenarios, undone=[])
+    tuner.figures = lambda tunable, scenario: TcpConnTuner.figures(tuner, tunable, scenario)
+    tuner.undo = lambda verification, evidence: tuner.undone.append(
+        (verification.key, evidence)) or True
+    for _ in range(5):
+        connections(2, 100_000_000, 50)
+        run(v, c, 1, 1000, 0)
+    scenario = TcpConnTuner.scenarios.index(TcpConnTuner.BBR_ON_LOSS)
+    v.changed(tuner, TcpConnTuner.PER_SOCKET, scenario, 7, 7, "cubic", "bbr",
+              subject="10.0.0.1")
+    key = ("TCP congestion control", 7, "10.0.0.1")
+    assert list(v.open) == [key]
+    for _ in range(7):
+        connections(2, 10_000_000, 60)
+        run(v, c, 1, 1000, 0)
+    ((undone_key, evidence),) = tuner.undone
+    assert undone_key == key
+    assert "delivery rate MB/s 100.0±0.0 -> 10.0 (limit 80.0)" in evidence
+    assert "min RTT us 50.0±0.0 -> 60.0" in evidence  # within its floor
+    assert v.counts[("tcp_conn", "reverted")] == 1 and v.last[key].verdict == "reverted"
+    assert not changes.reverts  # no sysctl to revert
+    kind, _tunable, cookie, fields, _ = changes.audited[-1]
+    assert (kind, cookie, fields["subject"], fields["verdict"]) == ("verdict", 7, "10.0.0.1",
+                                                                    "reverted")
+    v.forget_netns(7)  # the namespace goes, and its hosts with it
+    assert host not in sampler.rings and host not in sampler.recent_subjects and key not in v.last
 
 
 def test_revert_restores_keeps_the_original_and_holds(ns_changes):

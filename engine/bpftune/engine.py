@@ -36,7 +36,7 @@ from bpftune.paths import AUDIT_FILE, DEFAULT_CGROUP, PID_FILE, RUN_DIR, STATE_D
 from bpftune.query import QueryServer
 from bpftune.sysctl import SysctlError, Value, format_value
 from bpftune.tuner import Strategy, Tuner, TunerState, choose_strategy
-from bpftune.verify import Verifier, VerifyError, Windows, all_figures
+from bpftune.verify import Verifier, VerifyError, Windows
 
 POLL_MS = 1000  # events wake the loop at once; idle, it wakes once a second
 TICK_SECONDS = 1.0
@@ -118,7 +118,7 @@ class Engine:
         if not self.active_tuners():
             raise StartError("no tuners could be loaded")
         if self.verifier is not None:
-            self.verifier.use_figures(all_figures(self.tuners))
+            self.verifier.use_tuners(self.tuners)
         for tuner in self.active_tuners():
             tuner.started()
         self.programs.loading_done()

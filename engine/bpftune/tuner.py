@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from bpftune.engine import Engine
     from bpftune.events import Event
     from bpftune.learning import LearningRate
-    from bpftune.verify import Figure
+    from bpftune.verify import Figure, Scope, Verification
 
 
 PLUGIN_CLUSTERS, PLUGIN_CLUSTER_RANGE = 200, 1800
@@ -372,6 +372,19 @@ class Tuner:
         """What a change of ``tunable`` for ``scenario`` is verified with (none: no
         verification, no verdict)."""
         return tunable.figures if self.scenarios[scenario].verify else ()
+
+    def figure_counters(self, scope: Scope) -> dict[str, int]:
+        """The tuner's own cumulative counters in a namespace (a cookie, 0: the global one)
+        or, for figures with scope "subject", on a subject (netns cookie, subject), for
+        figures with source ``verify.TUNER`` (keys without the "<name>:" prefix the figures
+        give them). Read once a tick per sampled scope: keep it cheap."""
+        return {}
+
+    def undo(self, verification: Verification, evidence: str) -> bool:
+        """Undo a change that made a figure clearly worse when it was not a sysctl's value
+        but a subject's (``verification.subject``, e.g. tcp_conn's BBR for a host), and log
+        it with ``evidence``; False if it was not undone. (Sysctls: Changes.revert.)"""
+        return False
 
     def reverted(self, tunable: Tunable, cookie: int) -> None:
         """A change of ``tunable`` in ``cookie`` was reverted after its verdict: the BPF

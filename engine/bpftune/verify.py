@@ -31,10 +31,17 @@ if TYPE_CHECKING:
     from bpftune.tuner import Tunable, Tuner
 
 GLOBAL = 0
+# What a figure is read in: a namespace (GLOBAL or a netns cookie), or a subject within one
+# (netns cookie, name), such as tcp_conn's remote host.
+Scope = int | tuple[int, str]
 # Namespaces sampled besides the global one and those being verified: a namespace's
 # counters take 0.28 ms to read (netstat alone 0.15: the kernel sums them per CPU), so 16
 # keep a busy host's sampling near 0.5 % of a CPU (bench: "verified changes: sampler").
 MAX_SAMPLED = 16
+# Subjects (tcp_conn's hosts) sampled besides those being verified: a map lookup each, so
+# many more, and apart from namespaces (busy hosts must not push out namespaces).
+MAX_SUBJECTS = 128
+MAX_SUBJECT_VERDICTS = 4096  # last verdicts kept of subjects (hosts), the oldest dropped
 # Host-wide packets a second below which only open verifications' namespaces, and the
 # global figures whose activity is not packets, are sampled: an idle host pays a few small
 # reads a second, not three files per namespace. Most packet figures need 50 or more a
@@ -51,9 +58,14 @@ SOFTNET = "softnet"  # /proc/net/softnet_stat (global)
 SCHED = "sched"  # schedstat or PSI (global)
 NEIGH = "neigh"  # /proc/net/stat/{arp,ndisc}_cache (global)
 UNPACKETED = frozenset({SCHED, NEIGH})  # sampled on quiet ticks too
+# A tuner's own counters (Tuner.figure_counters, e.g. from its BPF maps), per scope: the
+# keys are "<tuner name>:<counter>". The only source of figures with scope "subject".
+TUNER = "tuner"
 
 # Each reads the counters of its source; given the keys the figures need.
 Reader = Callable[[set[str]], dict[str, int]]
+# The counters of the tuner named in a scope, without the tuner's name as prefix.
+TunerCounters = Callable[[str, Scope], dict[str, int]]
 READERS: dict[str, Reader] = {
     SNMP: procnet.thread_counters,
     SOFTNET: lambda _keys: procnet.softnet_totals(),
@@ -74,7 +86,9 @@ class Figure:
     #: A tick counts (is active) when these keys (default: ``per``) grew by activity_min.
     activity: tuple[str, ...] = ()
     activity_min: float = 0
-    scope: str = "netns"  # "netns": the namespace of the change; "global": only global
+    #: "netns": the namespace of the change; "global": only global; "subject": what in the
+    #: namespace the change was for (Verification.subject), from its tuner's counters
+    scope: str = "netns"
     worse: str = "up"  # "up": a rise is harm; "down": a fall is
     floor: float = 0.0  # the least change that can count as clear, absolute...
     floor_rel: float = 0.0  # ...and relative to the before mean
@@ -263,8 +277,10 @@ def judge(before: list[Tick], after: list[Tick], figure: Figure, windows: Window
     return Outcome("worse" if worse else "ok", "", mu_b, sd_b, mu_a, limit)
 
 
-def _number(x: float) -> str:
-    return f"{x:.4f}" if abs(x) < 1 else f"{x:.1f}"
+def _number(x: float, like: float | None = None) -> str:
+    """Small figures (per segment) with 4 decimals, others with 1; ``like``: in the style
+    of that number (a spread as its mean)."""
+    return f"{x:.4f}" if abs(x if like is None else like) < 1 else f"{x:.1f}"
 
 
 @dataclass
@@ -275,7 +291,8 @@ class Verdict:
     at: float = field(default_factory=time.time)
 
     def evidence_text(self) -> str:
-        return ", ".join(f"{label} {_number(o.before)}±{_number(o.sd)} -> {_number(o.after)}"
+        return ", ".join(f"{label} {_number(o.before)}±{_number(o.sd, o.before)} -> "
+                         f"{_number(o.after)}"
                          + (f" (limit {_number(o.limit)})" if o.status == "worse" else "")
                          for label, o in self.evidence.items() if o.status != "inactive")
 
@@ -307,65 +324,84 @@ class Sample:
 
 
 class Sampler:
-    """Cumulative counters per scope (the global namespace, namespaces being verified, and
-    up to MAX_SAMPLED others with recent tuner events), a ring of them per scope, and each
-    figure's long-run history there. While the host is quiet (``packets``, host-wide, grew
-    by less than QUIET_PPS a second; None: never quiet) only open verifications' scopes are
-    sampled."""
+    """Cumulative counters per scope (the global namespace, namespaces being verified, up
+    to MAX_SAMPLED others with recent tuner events, and up to MAX_SUBJECTS subjects), a ring
+    of them per scope, and each figure's long-run history there. While the host is quiet
+    (``packets``, host-wide, grew by less than QUIET_PPS a second; None: never quiet) other
+    namespaces than open verifications' are not read, nor the global packet figures."""
 
     def __init__(self, namespaces: Namespaces, figures: Iterable[Figure], windows: Windows,
                  readers: dict[str, Reader] | None = None,
-                 packets: Callable[[], int] | None = procnet.packets_received) -> None:
+                 packets: Callable[[], int] | None = procnet.packets_received,
+                 tuner_counters: TunerCounters | None = None) -> None:
         self.namespaces = namespaces
         self.figures = tuple(dict.fromkeys(figures))
         self.windows = windows
         self.readers = readers or READERS
+        #: What figures with source TUNER read.
+        self.tuner_counters: TunerCounters = tuner_counters or (lambda _name, _cookie: {})
         self.packets = packets
         self.last_packets: tuple[float, int] | None = None
         self.ring_length = windows.before + windows.after + windows.grace + 3
-        self.rings: dict[int, deque[Sample]] = {GLOBAL: deque(maxlen=self.ring_length)}
-        self.history: dict[tuple[int, str], History] = {}
+        self.rings: dict[Scope, deque[Sample]] = {GLOBAL: deque(maxlen=self.ring_length)}
+        self.history: dict[tuple[Scope, str], History] = {}
         self.recent: OrderedDict[int, None] = OrderedDict()  # warm namespaces, LRU
-        self.pinned: Counter[int] = Counter()  # namespaces with open verifications
+        self.recent_subjects: OrderedDict[tuple[int, str], None] = OrderedDict()  # the same
+        self.pinned: Counter[Scope] = Counter()  # scopes with open verifications
         self.index = 0
 
-    def _netns_figures(self) -> list[Figure]:
-        return [f for f in self.figures if f.scope == "netns"]
+    def _wanted(self, scope: Scope) -> list[Figure]:
+        """The figures read in a scope: a subject's in a subject, the namespace's in a
+        namespace, and in the global one also those that exist only there."""
+        if isinstance(scope, tuple):
+            return [f for f in self.figures if f.scope == "subject"]
+        return [f for f in self.figures if f.scope == "netns"
+                or (scope == GLOBAL and f.scope == "global")]
 
-    def warm(self, cookie: int) -> None:
-        """A tuner acted in this namespace: sample it (the least recent beyond the cap
-        is no longer sampled)."""
-        if cookie == GLOBAL or self.namespaces.is_global(cookie):
+    def warm(self, cookie: Scope) -> None:
+        """A tuner acted in this namespace (or on this subject): sample it (the least
+        recent beyond the cap is no longer sampled)."""
+        if isinstance(cookie, tuple):
+            recent, cap = self.recent_subjects, MAX_SUBJECTS
+        elif cookie == GLOBAL or self.namespaces.is_global(cookie):
             return
-        self.recent[cookie] = None
-        self.recent.move_to_end(cookie)
-        while len(self.recent) > MAX_SAMPLED:
-            old, _ = self.recent.popitem(last=False)
+        else:
+            recent, cap = self.recent, MAX_SAMPLED
+        recent[cookie] = None
+        recent.move_to_end(cookie)
+        while len(recent) > cap:
+            old, _ = recent.popitem(last=False)
             if not self.pinned[old] and old not in self.scopes():
                 self._drop(old)
 
-    def sampled(self, cookie: int) -> bool:
+    def sampled(self, cookie: Scope) -> bool:
         return cookie in self.rings
 
-    def scopes(self) -> list[int]:
+    def scopes(self) -> list[Scope]:
         """Global, those being verified, those with recent tuner events, then other known
         namespaces (the newest first) up to MAX_SAMPLED besides global."""
         pinned = [c for c, n in self.pinned.items() if n > 0]
-        scopes = dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent)])
+        scopes: dict[Scope, None] = dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent)])
         known = getattr(self.namespaces, "cookies", list)
         for cookie in reversed(known()):
             if len(scopes) > MAX_SAMPLED:
                 break
             if not self.namespaces.is_global(cookie):
                 scopes.setdefault(cookie)
-        return list(scopes)
+        return [*scopes, *(s for s in reversed(self.recent_subjects) if s not in scopes)]
 
     def forget(self, cookie: int) -> None:
+        """A namespace is gone: so are its subjects."""
+        subjects = {s for s in (*self.recent_subjects, *self.pinned, *self.rings)
+                    if isinstance(s, tuple) and s[0] == cookie}
         self.recent.pop(cookie, None)
-        self.pinned.pop(cookie, None)
-        self._drop(cookie)
+        for subject in subjects:
+            self.recent_subjects.pop(subject, None)
+        for scope in (cookie, *subjects):
+            self.pinned.pop(scope, None)
+            self._drop(scope)
 
-    def _drop(self, cookie: int) -> None:
+    def _drop(self, cookie: Scope) -> None:
         self.rings.pop(cookie, None)
         for key in [k for k in self.history if k[0] == cookie]:
             del self.history[key]
@@ -388,8 +424,8 @@ class Sampler:
         pinned = {c for c, n in self.pinned.items() if n > 0}
         for cookie in scopes:
             only = None
-            if quiet and cookie not in pinned:  # its packet figures' ticks would not count
-                if cookie != GLOBAL:
+            if quiet and cookie not in pinned and not isinstance(cookie, tuple):
+                if cookie != GLOBAL:  # its packet figures' ticks would not count
                     continue
                 only = UNPACKETED
             try:
@@ -402,29 +438,38 @@ class Sampler:
                 self._learn(cookie, ring[-1], counters, now)
             ring.append(Sample(self.index, now, counters))
 
-    def _read(self, cookie: int, only: frozenset[str] | None = None) -> dict[str, int]:
+    def _read(self, cookie: Scope, only: frozenset[str] | None = None) -> dict[str, int]:
         """The counters of the scope's figures (of the ``only`` sources, if given)."""
-        wanted = self.figures if cookie == GLOBAL else self._netns_figures()
+        wanted = self._wanted(cookie)
         if only is not None:
             wanted = tuple(f for f in wanted if f.source in only)
         sources = {f.source for f in wanted}
         keys = set().union(*(f.keys() for f in wanted)) if wanted else set()
+        if isinstance(cookie, tuple):  # a subject: its tuner's counters, no namespace
+            return {k: v for k, v in self._tuner_counters(cookie, wanted).items() if k in keys}
         found: dict[str, int] = {}
         with self.namespaces.entered(cookie):
             if SNMP in sources:
                 found |= self.readers[SNMP](keys)
-        for source in sources - {SNMP}:
+        for source in sources - {SNMP, TUNER}:
             found |= self.readers[source](keys)
+        if TUNER in sources:
+            found |= self._tuner_counters(cookie, wanted)
         return {k: v for k, v in found.items() if k in keys}
 
-    def _learn(self, cookie: int, prev: Sample, cur: dict[str, int], now: float) -> None:
-        wanted = self.figures if cookie == GLOBAL else self._netns_figures()
-        for f in wanted:
+    def _tuner_counters(self, cookie: Scope, wanted: Iterable[Figure]) -> dict[str, int]:
+        """The counters of the tuners that TUNER figures name (a map lookup or so each)."""
+        names = {k.partition(":")[0] for f in wanted if f.source == TUNER for k in f.num}
+        return {f"{name}:{k}": v for name in names
+                for k, v in self.tuner_counters(name, cookie).items()}
+
+    def _learn(self, cookie: Scope, prev: Sample, cur: dict[str, int], now: float) -> None:
+        for f in self._wanted(cookie):
             t = f.tick(prev.counters, cur, now - prev.at)
             if t.active:
                 self.history.setdefault((cookie, f.label), History()).add(t.value)
 
-    def ticks(self, cookie: int, figure: Figure, first: int, last: int) -> list[Tick]:
+    def ticks(self, cookie: Scope, figure: Figure, first: int, last: int) -> list[Tick]:
         """The figure's ticks ``first``..``last`` (sample indexes; tick i ends at sample i)
         in that scope; ticks with a missing sample are left out."""
         samples = {s.index: s for s in self.rings.get(cookie, ())}
@@ -448,13 +493,24 @@ class Verification:
     start: int  # the last sample index before the change
     figures: tuple[Figure, ...]
     since: float = field(default_factory=time.time)
+    #: What in the namespace the change was for, when not the tunable's value there (e.g.
+    #: tcp_conn's BBR for one remote host): no live value to check, and the tuner undoes it
+    #: (Tuner.undo) instead of Changes.revert.
+    subject: str = ""
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.tunable.name, self.where)
+    def key(self) -> tuple:
+        return verification_key(self.tunable.name, self.where, self.subject)
 
-    def scope(self, figure: Figure) -> int:
+    def scope(self, figure: Figure) -> Scope:
+        if figure.scope == "subject":
+            return (self.origin, self.subject)
         return GLOBAL if figure.scope == "global" else self.origin
+
+
+def verification_key(tunable: str, where: int, subject: str = "") -> tuple:
+    """(tunable, ledger cookie), and the subject if there is one."""
+    return (tunable, where, subject) if subject else (tunable, where)
 
 
 class Verifier:
@@ -466,18 +522,30 @@ class Verifier:
         self.changes = changes
         self.windows = windows
         self.sampler = sampler or Sampler(changes.namespaces, figures, windows)
-        self.open: dict[tuple[str, int], Verification] = {}
+        self.open: dict[tuple, Verification] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
-        self.last: dict[tuple[str, int], Verdict] = {}
+        self.last: dict[tuple, Verdict] = {}
 
     def use_figures(self, figures: Iterable[Figure]) -> None:
         """The figures the loaded tuners declare: what the sampler reads."""
         self.sampler.figures = tuple(dict.fromkeys(figures))
 
+    def use_tuners(self, tuners: list[Tuner]) -> None:
+        """The engine's tuners: the figures they declare, and their own counters for TUNER
+        figures. The list is the engine's own, which a hand-back (-E) updates in place with
+        a new tuner object: it is searched at each read."""
+        self.use_figures(all_figures(tuners))
+
+        def counters(name: str, cookie: Scope) -> dict[str, int]:
+            tuner = next((t for t in tuners if t.name == name), None)
+            return tuner.figure_counters(cookie) if tuner is not None else {}
+
+        self.sampler.tuner_counters = counters
+
     # Events from the change path.
     def changed(self, tuner: Tuner, tunable: Tunable, scenario: int, origin: int, where: int,
-                old: Value, new: Value) -> None:
-        key = (tunable.name, where)
+                old: Value, new: Value, subject: str = "") -> None:
+        key = verification_key(tunable.name, where, subject)
         figures = tuner.figures(tunable, scenario)
         current = self.open.get(key)
         if current is not None:
@@ -489,7 +557,7 @@ class Verifier:
             return
         origin = GLOBAL if self.changes.namespaces.is_global(origin) else origin
         v = Verification(tuner, tunable, tuner.scenarios[scenario].name, where, origin, old,
-                         new, self.sampler.index, figures)
+                         new, self.sampler.index, figures, subject=subject)
         self.open[key] = v
         for f in figures:
             self.sampler.pinned[v.scope(f)] += 1
@@ -507,7 +575,7 @@ class Verifier:
         self.last = {k: v for k, v in self.last.items() if k[1] != cookie}
         self.sampler.forget(cookie)
 
-    def warm(self, cookie: int) -> None:
+    def warm(self, cookie: Scope) -> None:
         self.sampler.warm(cookie)
 
     # The tick.
@@ -521,14 +589,7 @@ class Verifier:
         return v.start + 1 + self.windows.grace + self.windows.after
 
     def _judge(self, v: Verification) -> None:
-        try:
-            live = self.changes.read(v.tunable, v.where)
-        except (OSError, SysctlError):
-            self._end(v, Verdict("inconclusive", "namespace gone"))
-            return
-        if live != v.new:
-            self._end(v, Verdict("inconclusive", f"value changed by someone else (now "
-                                                 f"({format_value(live)}))"))
+        if not v.subject and not self._still_set(v):
             return
         w = self.windows
         outcomes: dict[str, Outcome] = {}
@@ -544,11 +605,26 @@ class Verifier:
                                       self.sampler.history.get((scope, f.label)))
         verdict = decide(outcomes)
         if verdict.verdict == "reverted" and not self._revert(v, verdict):
-            verdict = Verdict("inconclusive", "value changed by someone else (revert "
-                                              "refused)", outcomes)
+            verdict = Verdict("inconclusive", "not undone" if v.subject else
+                              "value changed by someone else (revert refused)", outcomes)
         self._end(v, verdict)
 
+    def _still_set(self, v: Verification) -> bool:
+        """Whether the tunable still has the value bpftune set (else: inconclusive)."""
+        try:
+            live = self.changes.read(v.tunable, v.where)
+        except (OSError, SysctlError):
+            self._end(v, Verdict("inconclusive", "namespace gone"))
+            return False
+        if live != v.new:
+            self._end(v, Verdict("inconclusive", f"value changed by someone else (now "
+                                                 f"({format_value(live)}))"))
+            return False
+        return True
+
     def _revert(self, v: Verification, verdict: Verdict) -> bool:
+        if v.subject:
+            return self._undo(v, verdict)
         reverted = self.changes.revert(v.tuner, v.tunable, v.where, v.old, v.new,
                                        verdict.evidence_text(), v.scenario)
         if reverted:
@@ -558,6 +634,13 @@ class Verifier:
                 log.err(f"{v.tuner.name}: error after a revert: {e!r}")
         return reverted
 
+    def _undo(self, v: Verification, verdict: Verdict) -> bool:
+        try:
+            return v.tuner.undo(v, verdict.evidence_text())
+        except Exception as e:  # one tuner's bug must not stop the verifier
+            log.err(f"{v.tuner.name}: error undoing a change: {e!r}")
+            return False
+
     def _end(self, v: Verification, verdict: Verdict, *, log_it: bool = True) -> None:
         self.open.pop(v.key, None)
         for f in v.figures:
@@ -565,12 +648,19 @@ class Verifier:
             self.sampler.pinned[scope] -= 1
             if self.sampler.pinned[scope] <= 0:
                 del self.sampler.pinned[scope]
-                if scope != GLOBAL and scope not in self.sampler.recent:
+                if scope != GLOBAL and scope not in (*self.sampler.recent,
+                                                     *self.sampler.recent_subjects):
                     self.sampler._drop(scope)
         self.counts[(v.tuner.name, verdict.verdict)] += 1
+        self.last.pop(v.key, None)  # the newest last, for the bound below
         self.last[v.key] = verdict
+        if v.subject:
+            subjects = [k for k in self.last if len(k) == 3]
+            for key in subjects[:len(subjects) - MAX_SUBJECT_VERDICTS]:
+                del self.last[key]
         line = (f"Verdict {verdict.verdict} for '{v.tunable.name}' in "
-                f"{self._where(v.where)} ({format_value(v.old)}) -> ({format_value(v.new)}) "
+                f"{self._where(v.where)}{f' for {v.subject}' if v.subject else ''} "
+                f"({format_value(v.old)}) -> ({format_value(v.new)}) "
                 f"({v.tuner.name}): {verdict.evidence_text() or verdict.reason}")
         if verdict.verdict == "inconclusive" and verdict.evidence_text():
             line += f"; {verdict.reason}"
@@ -581,7 +671,8 @@ class Verifier:
                             reason=verdict.reason,
                             evidence=verdict.as_dict()["evidence"],
                             window={"before": self.windows.before,
-                                    "after": self.windows.after})
+                                    "after": self.windows.after},
+                            **({"subject": v.subject} if v.subject else {}))
 
     def _where(self, cookie: int) -> str:
         if cookie == GLOBAL:
@@ -600,7 +691,8 @@ class Verifier:
                          for k in ("kept", "reverted", "inconclusive")},
             "verifying": [{"tunable": v.tunable.name, "netns": names(v.where),
                            "from": _plain(v.old), "to": _plain(v.new), "since": v.since,
-                           "due": time.time() + self.due_index(v) - self.sampler.index}
+                           "due": time.time() + self.due_index(v) - self.sampler.index,
+                           **({"subject": v.subject} if v.subject else {})}
                           for v in self.open.values() if v.tuner.name == tuner_name],
         }
 
@@ -613,7 +705,7 @@ class Verifier:
         return {"verify.open": len(self.open), "verify.last": len(self.last),
                 "verify.rings": len(self.sampler.rings),
                 "verify.history": len(self.sampler.history),
-                "verify.recent": len(self.sampler.recent)}
+                "verify.recent": len(self.sampler.recent) + len(self.sampler.recent_subjects)}
 
 
 def _plain(value: Value) -> list[int] | str:

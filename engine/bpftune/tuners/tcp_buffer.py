@@ -10,6 +10,7 @@ marked "Upstream".
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -24,7 +25,15 @@ from bpftune.log import log
 from bpftune.memory import total_ram_bytes, total_ram_pages
 from bpftune.sysctl import INT_MAX
 from bpftune.tuner import Scenario, Tunable, Tuner
-from bpftune.verify import RCV_PRUNE, RETRANS, SYN_REFUSED, TCP_MEM_PRESSURE
+from bpftune.verify import (
+    RCV_PRUNE,
+    RETRANS,
+    SYN_REFUSED,
+    TCP_MEM_PRESSURE,
+    TUNER,
+    Figure,
+    Scope,
+)
 
 if TYPE_CHECKING:
     from bpftune.correlation import Correlation
@@ -76,6 +85,11 @@ LATENCY_HOLD_SECONDS = 60  # after shrinking for latency, do not grow again this
 QUEUE_MIN_US = 1000
 QUEUE_MIN_FRACTION = 0.25
 CALM_TICKS = 5  # seconds of eased TCP memory before low-memory settings are undone
+# Senders' smoothed RTT in the namespace, from the netns_rtt map tcp_probe fills (sampled,
+# only sockets with data queued). Growing buffers can add queueing delay (bufferbloat):
+# a rise of more than 1 ms and half the RTT before is harm.
+SRTT = Figure("sRTT us", TUNER, ("tcp_buffer:rtt_sum_us",), ("tcp_buffer:rtt_samples",),
+              activity_min=4, floor=1000, floor_rel=0.5)
 
 
 class TcpBufferTuner(Tuner):
@@ -127,15 +141,15 @@ class TcpBufferTuner(Tuner):
     }
     # Tunables; the attribute names are the TUNABLE_* ids in bpf/tcp_buffer.bpf.c.
     WMEM = Tunable("net.ipv4.tcp_wmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
-                   positions=BUFFER, unit="bytes", figures=(RETRANS, TCP_MEM_PRESSURE))
+                   positions=BUFFER, unit="bytes", figures=(RETRANS, SRTT, TCP_MEM_PRESSURE))
     RMEM = Tunable("net.ipv4.tcp_rmem", 3, namespaced=True, ceiling=_socket_buffer_ceiling,
                    positions=BUFFER, unit="bytes",
-                   figures=(RETRANS, RCV_PRUNE, TCP_MEM_PRESSURE))
+                   figures=(RETRANS, RCV_PRUNE, SRTT, TCP_MEM_PRESSURE))
     MEM = Tunable("net.ipv4.tcp_mem", 3, ceiling=_tcp_mem_ceiling,
                   positions=("min", "pressure", "max"), unit="pages",
                   figures=(TCP_MEM_PRESSURE, RETRANS))
     MODERATE_RCVBUF = Tunable("net.ipv4.tcp_moderate_rcvbuf", namespaced=True, ceiling=_flag,
-                              figures=(RETRANS, RCV_PRUNE, TCP_MEM_PRESSURE))
+                              figures=(RETRANS, RCV_PRUNE, SRTT, TCP_MEM_PRESSURE))
     NO_METRICS_SAVE = Tunable("net.ipv4.tcp_no_metrics_save", namespaced=True, ceiling=_flag)
     NO_SSTHRESH_METRICS_SAVE = Tunable("net.ipv4.tcp_no_ssthresh_metrics_save",
                                        namespaced=True, optional=True, ceiling=_flag)
@@ -219,6 +233,29 @@ class TcpBufferTuner(Tuner):
                                   if k[1] != cookie}
         for table in (self.low_memory_undo, self.syn_windows, self.syncookie_baseline):
             table.pop(cookie, None)
+        if (rtt := self._netns_rtt()) is not None:
+            with contextlib.suppress(KeyError):
+                del rtt[rtt.Key(cookie)]
+
+    def _netns_rtt(self):
+        """The BPF map of senders' sRTT per netns (None: not loaded, or no tcp_probe)."""
+        try:
+            return self.bpf["netns_rtt"] if self.bpf is not None else None
+        except KeyError:
+            return None
+
+    def figure_counters(self, cookie: Scope) -> dict[str, int]:
+        """SRTT's sums in the namespace; zeros until its first sample, so that the first
+        sums count from zero."""
+        rtt = self._netns_rtt()
+        if rtt is None or not isinstance(cookie, int):
+            return {}
+        key = self.engine.namespaces.global_cookie if cookie == 0 else cookie
+        try:
+            found = rtt[rtt.Key(key)]
+        except KeyError:
+            return {"rtt_sum_us": 0, "rtt_samples": 0}
+        return {"rtt_sum_us": found.sum_us, "rtt_samples": found.samples}
 
     def handle(self, event: Event) -> None:
         tunable = self.tunables[event.tunable_id]

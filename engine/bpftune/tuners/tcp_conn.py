@@ -31,6 +31,7 @@ from bpftune.events import Event
 from bpftune.hooks import Watch, sock_ops
 from bpftune.log import log
 from bpftune.tuner import Published, Scenario, Tunable, Tuner
+from bpftune.verify import TUNER, Figure, Scope, Verification
 
 if TYPE_CHECKING:
     from bpftune.engine import Engine
@@ -44,19 +45,30 @@ MAX_ALGS = 6  # as bpf/tcp_conn.bpf.c
 #: LOSS_LINES times a minute: 10,000 lossy connections a second must not write as many lines.
 LOSS_LOG_SECONDS, LOSS_LINES = 60.0, 20
 MAX_LOGGED_HOSTS = 4096
+# A host's first switch to BBR is verified (bpftune.verify) with its connections' delivery
+# rate and min RTT, summed per host by the program when a connection closes: clearly worse
+# after the switch (a fifth of the mean before, and past the spread before), the host is
+# held (bbr_hold): its lossy connections keep their algorithm for a while.
+DELIVERY_RATE = Figure("delivery rate MB/s", TUNER, ("tcp_conn:rate_sum",),
+                       ("tcp_conn:closed",), scale=1e-6, activity_min=1, scope="subject",
+                       worse="down", floor_rel=0.2)
+MIN_RTT = Figure("min RTT us", TUNER, ("tcp_conn:rtt_sum",), ("tcp_conn:closed",),
+                 activity_min=1, scope="subject", floor=1000, floor_rel=0.2)
 
 
 class LossReport(ct.Structure):
     """The event payload (struct loss_report)."""
 
-    _fields_ = [("addr", ct.c_uint32 * 4), ("family", ct.c_uint32), ("pad", ct.c_uint32),
+    _fields_ = [("addr", ct.c_uint32 * 4), ("host", ct.c_uint32 * 4),
+                ("family", ct.c_uint32), ("from_alg", ct.c_int32),
                 ("switches", ct.c_uint64), ("retrans", ct.c_uint64),
                 ("segs_out", ct.c_uint64)]
 
 
 def address_of(words) -> str:
-    """An address as the BPF program stores it (IPv6, IPv4-mapped), as people write it."""
-    address = ipaddress.IPv6Address(bytes(ct.string_at(ct.addressof(words), 16)))
+    """An address as the BPF program stores it (IPv6, IPv4-mapped: u32 words, or their 16
+    bytes), as people write it."""
+    address = ipaddress.IPv6Address(bytes(words))
     return str(address.ipv4_mapped or address)
 
 
@@ -110,7 +122,8 @@ class TcpConnTuner(Tuner):
                   unit="count", counter=True, instances="host/algorithm"),
     )
     # Per socket: set with bpf_setsockopt, no sysctl (upstream's net.persock tunable).
-    PER_SOCKET = Tunable("TCP congestion control", sysctl=False, namespaced=True)
+    PER_SOCKET = Tunable("TCP congestion control", sysctl=False, namespaced=True,
+                         figures=(DELIVERY_RATE, MIN_RTT))
     # Never changed: declared so an administrator's write hands the tuner over. Upstream
     # adds its algorithms to the allowed list at start; bpf_setsockopt is not bound by it
     # (the kernel treats BPF as CAP_NET_ADMIN), so we leave it as it is.
@@ -120,7 +133,7 @@ class TcpConnTuner(Tuner):
     SPECIFY = Scenario("specify TCP congestion control algorithm",
                        "To optimize TCP performance, a TCP congestion control algorithm was "
                        "chosen to mimimize round-trip time and maximize delivery rate.",
-                       routine=True)
+                       routine=True, verify=False)  # the learner's own trials
     BBR_ON_LOSS = Scenario("specify bbr congestion control",
                            "Because loss rate has exceeded 1 percent for a connection, use bbr "
                            "congestion control algorithm instead of default",
@@ -134,6 +147,10 @@ class TcpConnTuner(Tuner):
         self.logged: dict[tuple[int, str], tuple[float, int]] = {}
         self.lines: list[float] = []  # when loss lines were written, the last minute's
         self.clock = time.monotonic
+        #: (netns, host address bytes) -> its connections established when last looked at:
+        #: hosts with new ones are sampled, so that a switch to BBR has a window before it.
+        self.host_instances: dict[tuple[int, bytes], int] = {}
+        self.holds: dict[tuple[int, str], int] = {}  # (netns, host) -> its BBR holds
 
     @cached_property
     def algorithms(self) -> list[str]:
@@ -167,13 +184,28 @@ class TcpConnTuner(Tuner):
         self.count(self.PER_SOCKET, self.SPECIFY, 0, times=choices - self.choices_counted)
         self.choices_counted = choices
         switches: dict[int, int] = {}
+        instances = {}
         for key, host in self.bpf["hosts"].items():
             switches[key.netns_cookie] = switches.get(key.netns_cookie, 0) + host.bbr_switches
+            instances[(key.netns_cookie, bytes(key.addr))] = host.instances
+        self._warm_busy_hosts(instances)
         for cookie, n in switches.items():
             counted = self.switches_counted.get(cookie, 0)
             if n > counted:  # hosts dropped from the program's table take their counts away
                 self.count(self.PER_SOCKET, self.BBR_ON_LOSS, cookie, times=n - counted)
                 self.switches_counted[cookie] = n
+
+    def _subject(self, cookie: int, words: bytes | ct.Array) -> tuple[int, str]:
+        """A host as the verifier's scope: (netns cookie, 0 for the global one; address)."""
+        return (0 if self.engine.namespaces.is_global(cookie) else cookie, address_of(words))
+
+    def _warm_busy_hosts(self, instances: dict[tuple[int, bytes], int]) -> None:
+        verifier = self.engine.verifier
+        if verifier is not None:
+            for (cookie, addr), n in instances.items():
+                if self.host_instances.get((cookie, addr)) != n:
+                    verifier.warm(self._subject(cookie, addr))
+        self.host_instances = instances
 
     def handle(self, event: Event) -> None:
         report = event.payload(LossReport)
@@ -189,6 +221,8 @@ class TcpConnTuner(Tuner):
             return
         if len(self.logged) >= MAX_LOGGED_HOSTS:
             self.logged.pop(next(iter(self.logged)))
+        if key not in self.logged:  # the host's first switch (this run)
+            self._verify_switch(event.netns_cookie, report)
         self.logged[key] = (now, report.switches)
         self.lines.append(now)
         since = report.switches - switches_then
@@ -198,6 +232,63 @@ class TcpConnTuner(Tuner):
         self.report(self.PER_SOCKET, self.BBR_ON_LOSS, event.netns_cookie,
                     f"due to loss events for {address}{where}, specify 'bbr' congestion "
                     f"control algorithm{more}")
+
+    # Verified switches.
+    def _verify_switch(self, cookie: int, report: LossReport) -> None:
+        """Verify the host's switch to BBR: its connections before and after."""
+        verifier = self.engine.verifier
+        if verifier is None:
+            return
+        where, host = self._subject(cookie, report.host)
+        old = (self.algorithms[report.from_alg] if 0 <= report.from_alg < len(self.algorithms)
+               else "default")
+        verifier.changed(self, self.PER_SOCKET, self.scenario_id(self.BBR_ON_LOSS), where,
+                         where, old, "bbr", subject=host)
+
+    def figure_counters(self, scope: Scope) -> dict[str, int]:
+        """A host's (scope: (netns cookie, address)) connections measured at close, and
+        their delivery rates and min RTTs, summed over the algorithms."""
+        if not isinstance(scope, tuple) or self.bpf is None:
+            return {}
+        hosts = self.bpf["hosts"]
+        try:
+            host = hosts[self._host_key(hosts, *scope)]
+        except KeyError:
+            return {"closed": 0, "rate_sum": 0, "rtt_sum": 0}
+        algs = host.algs[:len(self.algorithms)]
+        return {"closed": sum(a.count for a in algs), "rate_sum": sum(a.sum_rate for a in algs),
+                "rtt_sum": sum(a.sum_rtt for a in algs)}
+
+    def _host_key(self, table, cookie: int, address: str):
+        """The program's struct host_key for a host (IPv4 as IPv4-mapped IPv6)."""
+        key = table.Key()
+        key.netns_cookie = self.engine.namespaces.global_cookie if cookie == 0 else cookie
+        ip = ipaddress.ip_address(address)
+        packed = (ipaddress.IPv6Address(f"::ffff:{ip}") if ip.version == 4 else ip).packed
+        ct.memmove(ct.addressof(key) + type(key).addr.offset, packed, len(packed))
+        return key
+
+    def undo(self, verification: Verification, evidence: str) -> bool:
+        """A switch to BBR made the host's connections clearly worse: hold the host (its
+        lossy connections are not switched) for the verifier's hold, doubled each time."""
+        if self.bpf is None or self.engine.verifier is None:
+            return False
+        subject = (verification.origin, verification.subject)
+        reverts = self.holds[subject] = self.holds.get(subject, 0) + 1
+        seconds = self.engine.verifier.windows.hold_for(reverts)
+        table = self.bpf["bbr_hold"]
+        table[self._host_key(table, *subject)] = ct.c_uint64(
+            time.monotonic_ns() + int(seconds * 1e9))  # bpf_ktime_get_ns's clock
+        where = ("" if verification.origin == 0
+                 else f" in netns '{self.engine.namespaces.name(verification.origin)}'")
+        line = (f"Holding 'bbr' for {verification.subject}{where} ({self.name}): "
+                f"{evidence}; lossy connections keep their algorithm for {seconds:.0f} s")
+        log.notice(line)
+        self.engine.changes._audit("revert", self.name, self.PER_SOCKET.name,
+                                   verification.where, old="bbr", new=verification.old,
+                                   scenario=verification.scenario, reason=line,
+                                   verdict="reverted", subject=verification.subject)
+        return True
 
     def _advise_bbr(self, cookie: int, address: str, family: int) -> None:
         """Advice mode: what a user would set for a lossy host, BBR on the route to it
@@ -221,15 +312,19 @@ class TcpConnTuner(Tuner):
 
     def netns_destroyed(self, cookie: int) -> None:
         self.logged = {k: v for k, v in self.logged.items() if k[0] != cookie}
+        self.holds = {k: n for k, n in self.holds.items() if k[0] != cookie}
+        self.host_instances = {k: n for k, n in self.host_instances.items() if k[0] != cookie}
         self.switches_counted.pop(cookie, None)
         if self.bpf is not None:
-            hosts = self.bpf["hosts"]
-            for key in [k for k in hosts if k.netns_cookie == cookie]:
-                del hosts[key]
+            for table in (self.bpf["hosts"], self.bpf["bbr_hold"]):
+                for key in [k for k in table if k.netns_cookie == cookie]:
+                    with contextlib.suppress(KeyError):
+                        del table[key]
         self.handed_back(cookie)  # its manual_netns entry, if any
 
     def table_sizes(self) -> dict[str, int]:
-        return {"logged": len(self.logged), "switches_counted": len(self.switches_counted)}
+        return {"logged": len(self.logged), "switches_counted": len(self.switches_counted),
+                "host_instances": len(self.host_instances), "holds": len(self.holds)}
 
     # Metrics and summary.
     def published_values(self) -> dict[str, int | dict[str, int]]:
