@@ -283,7 +283,12 @@ def test_a_switch_to_bbr_after_which_the_host_is_worse_is_held(tmp_path, cubic_n
         assert float(m[2]) < 0.8 * float(m[1]), m[0]
         d.wait_for(rf"Verdict reverted for 'TCP congestion control' in netns '{hosts.ns}' "
                    rf"for {re.escape(hosts.global_addr)}", timeout=5)
-        assert tcp_conn_state()["verdicts"]["reverted"] >= 1
+        snap = tcp_conn_state()
+        assert snap["verdicts"]["reverted"] >= 1
+        assert [(h["subject"], h["netns"]) for h in snap["held"]] == [
+            (hosts.global_addr, hosts.ns)]
+        assert [(s["subject"], s["verdict"]) for s in snap["subjects"]] == [
+            (hosts.global_addr, "reverted")]
         # held: lossy connections go on, and none is switched to BBR
         drop(hosts, LOSS)
         switches = published("bbr_switches")[host]

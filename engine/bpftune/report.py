@@ -168,12 +168,22 @@ def _verification(engine: Engine) -> dict:
     if verifier is None:
         return {"verification": "off (advice mode)" if changes.advice is not None else "off"}
     now_mono, now = time.monotonic(), time.time()
+    name = engine.namespaces.name
     per_tuner = {t.name: verifier.tuner_state(t.name) | {"held": []} for t in engine.tuners}
     for (tunable, cookie), hold in changes.held.items():
         if hold.until > now_mono and hold.tuner in per_tuner:
             per_tuner[hold.tuner]["held"].append(
-                {"tunable": tunable, "netns": engine.namespaces.name(cookie),
+                {"tunable": tunable, "netns": name(cookie),
                  "until": now + hold.until - now_mono, "reverts": hold.reverts})
+    for t in engine.tuners:  # subjects (tcp_conn's hosts): holds and last verdicts
+        per_tuner[t.name]["held"] += [
+            {"subject": subject, "netns": name(cookie), "until": now + until - now_mono,
+             "reverts": reverts} for cookie, subject, until, reverts in t.held_subjects()]
+        tunables = {x.name for x in t.tunables}
+        if subjects := [{"tunable": key[0], "netns": name(key[1]), "subject": key[2],
+                         **verdict.as_dict()} for key, verdict in verifier.last.items()
+                        if len(key) == 3 and key[0] in tunables]:
+            per_tuner[t.name]["subjects"] = subjects
     return {"verification": verifier.snapshot(), "verifying": per_tuner,
             "verdicts": {k: v.as_dict() for k, v in verifier.last.items()}}
 

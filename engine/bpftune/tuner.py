@@ -386,6 +386,11 @@ class Tuner:
         it with ``evidence``; False if it was not undone. (Sysctls: Changes.revert.)"""
         return False
 
+    def held_subjects(self) -> list[tuple[int, str, float, int]]:
+        """Subjects held after ``undo``: (netns cookie, subject, until (time.monotonic),
+        reverts), for the state query."""
+        return []
+
     def reverted(self, tunable: Tunable, cookie: int) -> None:
         """A change of ``tunable`` in ``cookie`` was reverted after its verdict: the BPF
         program sees the restored global value."""

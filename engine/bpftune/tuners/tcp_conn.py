@@ -150,7 +150,8 @@ class TcpConnTuner(Tuner):
         #: (netns, host address bytes) -> its connections established when last looked at:
         #: hosts with new ones are sampled, so that a switch to BBR has a window before it.
         self.host_instances: dict[tuple[int, bytes], int] = {}
-        self.holds: dict[tuple[int, str], int] = {}  # (netns, host) -> its BBR holds
+        #: (netns, host) -> its BBR holds so far, and until when (time.monotonic) the last
+        self.holds: dict[tuple[int, str], tuple[int, float]] = {}
 
     @cached_property
     def algorithms(self) -> list[str]:
@@ -274,8 +275,9 @@ class TcpConnTuner(Tuner):
         if self.bpf is None or self.engine.verifier is None:
             return False
         subject = (verification.origin, verification.subject)
-        reverts = self.holds[subject] = self.holds.get(subject, 0) + 1
+        reverts = self.holds.get(subject, (0, 0.0))[0] + 1
         seconds = self.engine.verifier.windows.hold_for(reverts)
+        self.holds[subject] = (reverts, time.monotonic() + seconds)
         table = self.bpf["bbr_hold"]
         table[self._host_key(table, *subject)] = ct.c_uint64(
             time.monotonic_ns() + int(seconds * 1e9))  # bpf_ktime_get_ns's clock
@@ -289,6 +291,11 @@ class TcpConnTuner(Tuner):
                                    scenario=verification.scenario, reason=line,
                                    verdict="reverted", subject=verification.subject)
         return True
+
+    def held_subjects(self) -> list[tuple[int, str, float, int]]:
+        now = time.monotonic()
+        return [(cookie, host, until, reverts)
+                for (cookie, host), (reverts, until) in self.holds.items() if until > now]
 
     def _advise_bbr(self, cookie: int, address: str, family: int) -> None:
         """Advice mode: what a user would set for a lossy host, BBR on the route to it
