@@ -166,14 +166,16 @@ def test_verifier_reverts_a_series_to_its_first_value_and_keeps_the_window():
     assert changes.audited[-1][3]["verdict"] == "reverted"
 
 
-def test_verifier_keeps_a_harmless_change_and_unverified_scenarios_get_no_verdict():
+def test_verifier_keeps_a_harmless_change_and_unverified_scenarios_end_at_once():
     c = Counters()
     v, changes = verifier(c)
     tuner = fake_tuner()
     run(v, c, 5, 1000, 0)
     latency = TcpBufferTuner.scenarios.index(TcpBufferTuner.LATENCY)
     v.changed(tuner, RMEM, latency, 0, 0, (1, 2, 3), (1, 2, 2))
-    assert not v.open
+    assert not v.open and v.counts[("tcp_buffer", "inconclusive")] == 1
+    assert changes.audited[-1][3]["reason"] == ("not verified: the scenario trades a figure "
+                                                "on purpose or undoes an emergency")
     v.changed(tuner, RMEM, 0, 0, 0, (1, 2, 3), (1, 2, 4))
     changes.live[(RMEM.name, 0)] = (1, 2, 4)
     run(v, c, 7, 1000, 0)

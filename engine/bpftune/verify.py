@@ -553,11 +553,14 @@ class Verifier:
                 current.new = new  # a series: the window stays anchored at its first step
                 return
             self._end(current, Verdict("inconclusive", "superseded by another change"))
-        if not figures:
-            return
         origin = GLOBAL if self.changes.namespaces.is_global(origin) else origin
         v = Verification(tuner, tunable, tuner.scenarios[scenario].name, where, origin, old,
                          new, self.sampler.index, figures, subject=subject)
+        if not figures:  # every change ends with a verdict (issue 14), these at once
+            self._end(v, Verdict("inconclusive", "not verified: " + (
+                "the scenario trades a figure on purpose or undoes an emergency"
+                if tunable.figures else "no key figure for this tunable")))
+            return
         self.open[key] = v
         for f in figures:
             self.sampler.pinned[v.scope(f)] += 1
