@@ -21,15 +21,12 @@ THREAD_NET = "/proc/thread-self/net"
 NETSTAT_PREFIXES = frozenset({"TcpExt:", "IpExt:", "MPTcpExt:"})  # the rest are snmp's
 
 
-def _pairs(path: str, prefixes: Collection[str] | None = None) -> dict[str, int]:
-    """``Prefix: name name`` / ``Prefix: value value`` line pairs -> {"Prefix:name": value},
-    of the ``prefixes`` given (all by default)."""
+def _pairs(path: str) -> dict[str, int]:
+    """``Prefix: name name`` / ``Prefix: value value`` line pairs -> {"Prefix:name": value}."""
     counters: dict[str, int] = {}
     with open(path) as f:
         lines = f.read().splitlines()
     for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if prefixes is not None and header.partition(" ")[0] not in prefixes:
-            continue
         prefix, *names = header.split()
         for name, value in zip(names, values.split()[1:], strict=True):
             counters[f"{prefix}{name}"] = int(value)
