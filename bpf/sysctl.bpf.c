@@ -6,8 +6,9 @@
  * make them, so an administrator's write must never be lost among theirs:
  * - only sysctls in `managed` (filled by the engine) are reported, on a ring buffer of
  *   their own (bpftune_admin_events);
- * - a write in the initial namespace (root only) is also counted in `global_writes`,
- *   which the engine reads each second: it sees such a write even if its event was lost;
+ * - a write in the initial namespace (root only) is also counted in `global_writes`, and
+ *   in all in its last slot, which the engine reads each second (the others only when that
+ *   grew): it sees such a write even if its event was lost;
  * - writes in other namespaces are limited to one per namespace and sysctl per 25 ms and
  *   OTHER_NETNS_PER_SEC in all; beyond that they are dropped and counted.
  */
@@ -22,7 +23,7 @@ struct sysctl_name {
 };
 
 BPF_HASH(managed, struct sysctl_name, u32, MAX_MANAGED);	/* name -> slot */
-BPF_ARRAY(global_writes, u64, MAX_MANAGED);			/* slot -> writes */
+BPF_ARRAY(global_writes, u64, MAX_MANAGED + 1);		/* slot -> writes; then all */
 BPF_ARRAY(other_netns_budget, struct rate_window, 1);
 BPF_ARRAY(other_netns_dropped, u64, 1);
 
@@ -31,7 +32,7 @@ int bpftune_sysctl_write(struct bpf_sysctl *ctx)
 	struct bpftune_event ev = {};
 	struct sysctl_name key = {};
 	u32 pid = bpf_get_current_pid_tgid() >> 32;
-	int zero = 0;
+	int zero = 0, all = MAX_MANAGED;
 	u32 *slot;
 	u64 *writes;
 
@@ -47,6 +48,9 @@ int bpftune_sysctl_write(struct bpf_sysctl *ctx)
 		writes = global_writes.lookup(slot);
 		if (writes)
 			ev.metric[0] = __sync_fetch_and_add(writes, 1) + 1;
+		writes = global_writes.lookup(&all);
+		if (writes)
+			__sync_fetch_and_add(writes, 1);
 	} else if (rate_limited(ev.netns_cookie, *slot)) {
 		return 1;	/* reported less than 25 ms ago */
 	} else if (over_budget(other_netns_budget.lookup(&zero), OTHER_NETNS_PER_SEC)) {

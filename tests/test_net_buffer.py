@@ -25,7 +25,7 @@ import pytest
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.ethtool import Ethtool
 
-from bpftune import sysctl
+from bpftune import procnet, sysctl
 from bpftune.changes import GLOBAL, Changes, Record, StateFile
 from bpftune.correlation import Correlations
 from bpftune.events import Event
@@ -479,11 +479,14 @@ def test_cpumask_round_trip(text, mask):
 
 def test_wait_share_from_schedstat(tmp_path, monkeypatch):
     path = tmp_path / "schedstat"
-    monkeypatch.setattr(net_buffer, "SCHEDSTAT", str(path))
+    monkeypatch.setattr(procnet, "_cpu_wait_sources", [(str(tmp_path / "missing"),
+                                                        procnet.schedstat_wait),
+                                                       (str(path), procnet.schedstat_wait)])
     cpu_lines = "cpu0 0 0 0 0 0 0 {run} {wait} 9\ncpu1 0 0 0 0 0 0 {run} {wait} 9\n"
     path.write_text("version 17\ntimestamp 1\n" + cpu_lines.format(run=1000, wait=100))
     share = net_buffer.WaitShare()
-    assert share.name == str(path) and share.sample() is None  # a baseline first
+    assert procnet.cpu_wait_source() == str(path)  # a file the kernel lacks is dropped
+    assert share.sample() is None  # a baseline first
     path.write_text("version 17\n" + cpu_lines.format(run=1300, wait=200))  # +300 run, +100
     assert share.sample() == 25.0  # per CPU: waited 100 of 400 ns
 

@@ -3,18 +3,20 @@ noticed and forgotten."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
 from bpftune import query
-from bpftune.netns import Namespaces, NetnsError
+from bpftune.netns import Namespaces, NetnsError, current_cookie
 from helpers import (
     Hosts,
     Iperf,
@@ -29,6 +31,7 @@ from helpers import (
 from test_tcp_buffer import RMEM, WMEM
 
 CHURN = 20
+CLONE_NEWNET = 0x40000000
 
 
 def tables() -> dict[str, int]:
@@ -123,3 +126,38 @@ def test_a_namespace_just_made_is_found_from_its_events_process_without_a_scan()
         proc.kill()
         proc.wait()
         namespaces.close()
+
+
+def test_a_namespace_a_thread_entered_is_found_from_its_process_without_a_scan(monkeypatch):
+    """Events name the process, not the thread: a namespace one of its threads entered
+    (and nothing else holds: no name, no process of its own) is found among its threads,
+    with no walk of every namespace on the system (84 ms with 1000 of them)."""
+    namespaces = Namespaces()
+    entered, done = threading.Event(), threading.Event()
+    found: list[int] = []
+
+    def thread_in_a_new_netns() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:  # this thread only
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        found.append(current_cookie())
+        entered.set()
+        done.wait(30)
+
+    worker = threading.Thread(target=thread_in_a_new_netns)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        cookie = found[0]
+        monkeypatch.setattr(namespaces, "scan", lambda: pytest.fail("scanned every namespace"))
+        namespaces.ensure(cookie, os.getpid())
+        assert namespaces.tracked(cookie)
+        assert namespaces.command_prefix(cookie) == \
+            f"nsenter --net=/proc/{os.getpid()}/task/{worker.native_id}/ns/net"
+        with namespaces.entered(cookie):
+            assert current_cookie() == cookie
+    finally:
+        done.set()
+        worker.join()
+        namespaces.close()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bpftune.tuners import sysctl as sysctl_tuner
 from helpers import Iperf, daemon, netns_cookie, read_sysctl, recorded, values, wait_until
 
 RMEM, WMEM, MODERATE = "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.ipv4.tcp_moderate_rcvbuf"
@@ -199,6 +201,13 @@ def test_admin_change_in_netns_disables_tuner_there_only(tmp_path, sysctls, host
         iperf.stop()
 
 
+def global_writes() -> dict[int, int]:
+    """The sysctl tuner's counts of writes in the global netns, by slot (bpftool)."""
+    dump = subprocess.run(["bpftool", "-j", "map", "dump", "name", "global_writes"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
+    return {e["formatted"]["key"]: e["formatted"]["value"] for e in json.loads(dump)}
+
+
 def test_admin_change_in_global_ns_disables_tuner_everywhere(tmp_path, sysctls, hosts):
     squeezed = {ns: squeeze_buffers(sysctls, ns) for ns in (None, hosts.ns)}
     iperf = Iperf(hosts.ns, hosts.ns_addr)
@@ -207,6 +216,9 @@ def test_admin_change_in_global_ns_disables_tuner_everywhere(tmp_path, sysctls, 
             subprocess.run(["sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16385"], check=True)
             d.wait_for(rf"modified sysctl 'net.ipv4.tcp_wmem' that tuner 'tcp_buffer' uses; "
                        rf"disabling 'tcp_buffer' for namespace cookie {netns_cookie(None)}")
+            # Counted for the sysctl tuner's tick too, in the total it reads each second
+            # (had the event been lost, the tick would have handed the tuner over).
+            assert global_writes()[sysctl_tuner.MAX_MANAGED] == 1
             iperf.run(None, seconds=2)
             iperf.run(None, seconds=2, reverse=True)
             for ns in (None, hosts.ns):

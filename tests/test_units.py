@@ -290,3 +290,51 @@ def test_ids_are_declared_once_as_attributes_and_compiled_in():
                                      "-DSCENARIO_GROWN=0"]
     with pytest.raises(TypeError, match="not both"):
         type("Both", (Tuner,), {"name": "both", "tunables": (), "X": Tunable("net.x")})
+
+
+class _Counts(dict):
+    """A BPF array of u64 as the tuner reads it; the lookups are counted."""
+
+    Key = int
+    lookups = 0
+
+    def __getitem__(self, slot):
+        self.lookups += 1
+        return ct.c_uint64(self.get(slot, 0))
+
+
+def test_sysctl_tick_reads_every_slot_only_when_the_total_of_global_writes_grew(monkeypatch):
+    from bpftune.tuners import sysctl as sysctl_tuner
+
+    tuner = object.__new__(sysctl_tuner.SysctlTuner)
+    counts = _Counts()
+    tuner.bpf = {"global_writes": counts}
+    tuner.slots = ["net.core.rmem_max", "net.ipv4.tcp_rmem"]
+    tuner.global_writes_seen, tuner.all_global_writes_seen = [0, 0], 0
+    tuner.engine = SimpleNamespace(namespaces=SimpleNamespace(global_cookie=7))
+    handed: list = []
+    monkeypatch.setattr(tuner, "_hand_over", lambda *a: handed.append(a), raising=False)
+    tuner.tick(0)
+    assert counts.lookups == 1 and not handed
+    # A write whose event was lost: counted in its slot and in the total.
+    counts[1] = counts[sysctl_tuner.MAX_MANAGED] = 1
+    tuner.tick(1)
+    assert handed == [("net.ipv4.tcp_rmem", 7, "a process whose write event was lost")]
+    lookups = counts.lookups
+    tuner.tick(2)
+    assert counts.lookups == lookups + 1 and len(handed) == 1
+
+
+def test_global_proc_files_are_read_once_within_a_tick(tmp_path, monkeypatch):
+    """The tuners and the verifier read softnet_stat (and CPU wait, neighbour caches) in
+    the same tick: within one_reading() the file is read once, outside it every time."""
+    from bpftune import procnet
+
+    path = tmp_path / "softnet_stat"
+    monkeypatch.setattr(procnet, "SOFTNET_STAT", str(path))
+    path.write_text("0000000a 00000000 00000001\n")
+    with procnet.one_reading():
+        first = procnet.softnet_columns()
+        path.write_text("0000000b 00000000 00000002\n")
+        assert procnet.softnet_columns() == first == {0: (10, 0, 1)}
+    assert procnet.softnet_columns() == {0: (11, 0, 2)}

@@ -12,6 +12,8 @@ from bpftune.netns import Namespaces
 from bpftune.tuners.tcp_buffer import SRTT, TcpBufferTuner
 from bpftune.verify import (
     ARP_REFUSALS,
+    GLOBAL,
+    MAX_SAMPLED,
     RETRANS,
     Figure,
     History,
@@ -87,6 +89,9 @@ class FakeNamespaces:
     def entered(self, cookie):
         import contextlib
         return contextlib.nullcontext()
+
+    def newest(self, count):
+        return []
 
 
 class FakeChanges:
@@ -405,5 +410,20 @@ def test_no_verifier_in_advice_mode(tmp_path):
     try:
         changes = Changes(namespaces, StateFile(str(tmp_path)), advise=True)
         assert changes.verifier is None
+    finally:
+        namespaces.close()
+
+
+def test_sampled_scopes_are_global_and_the_newest_namespaces_up_to_the_cap():
+    """However many namespaces exist, each tick looks at MAX_SAMPLED of them besides global,
+    the last found first; Namespaces.newest hands over only those."""
+    namespaces = Namespaces()
+    try:
+        found = [namespaces.global_cookie, *range(1000, 1000 + 3 * MAX_SAMPLED)]
+        for cookie in found:  # as registered, in the order found
+            namespaces._by_cookie[cookie] = None
+        assert namespaces.newest(3) == found[:-4:-1]
+        sampler = Sampler(namespaces, [RETRANS], W, readers={}, packets=None)
+        assert sampler.scopes() == [GLOBAL, *found[:-MAX_SAMPLED - 1:-1]]
     finally:
         namespaces.close()

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bpftune import __version__, caps, plugins, support
+from bpftune import __version__, caps, plugins, procnet, support
 from bpftune.audit import AuditTrail
 from bpftune.bpf import (
     BpfError,
@@ -325,7 +325,7 @@ class Engine:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
-                with self.lock:
+                with self.lock, procnet.one_reading():
                     self._tick(now)
 
     def _tick(self, now: float) -> None:

@@ -13,6 +13,7 @@ announces RTM_DELNSID for it when the namespace is freed (see ``netns_watch``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import threading
@@ -27,6 +28,9 @@ SO_NETNS_COOKIE = 71
 NETNS_RUN_DIR = "/run/netns"
 RESCAN_SECONDS = 5  # how often to look again for a namespace that could not be found
 FULL_SCAN_SECONDS = 1  # walking /proc is costly: at most one full scan a second
+# An event names its process, not the thread that sent it: a thread that entered another
+# namespace (setns) is looked for among the first of these.
+MAX_THREADS_LOOKED_AT = 64
 NETNSA_NSID_NOT_ASSIGNED = 0xFFFFFFFF  # -1 as the u32 pyroute2 encodes: "allocate one"
 
 
@@ -77,6 +81,15 @@ def _candidate_paths() -> Iterator[str]:
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             yield f"/proc/{pid}/ns/net"
+
+
+def _process_paths(pid: int) -> Iterator[str]:
+    """The netns of process ``pid``, then of its threads (a bounded number)."""
+    yield f"/proc/{pid}/ns/net"
+    with contextlib.suppress(OSError), os.scandir(f"/proc/{pid}/task") as threads:
+        for thread in itertools.islice(threads, MAX_THREADS_LOOKED_AT):
+            if thread.name != str(pid):
+                yield f"/proc/{pid}/task/{thread.name}/ns/net"
 
 
 def assign_nsid(sock: rtnl.NetlinkSocket, fd: int) -> int | None:
@@ -168,6 +181,8 @@ class Namespaces:
             return None
         inode = (st.st_dev, st.st_ino)
         cookie = None if fresh else self._cookie_by_inode.get(inode)
+        if cookie is not None and not self.tracked(cookie):
+            cookie = None  # only a namespace still tracked keeps its inode number
         if cookie is None:
             opened = self._opened(path)
             if opened is None:
@@ -282,6 +297,13 @@ class Namespaces:
         """Every namespace known now, in the order they were found."""
         return list(self._by_cookie)
 
+    def newest(self, count: int) -> list[int]:
+        """Up to ``count`` namespaces other than the global one, the last found first: a
+        look at a few, whatever the number known."""
+        with self._lock:
+            return list(itertools.islice((c for c in reversed(self._by_cookie)
+                                          if not self.is_global(c)), count))
+
     def tracked(self, cookie: int) -> bool:
         """Whether the namespace was found and has not been destroyed since (its path may
         be stale for a moment)."""
@@ -336,6 +358,13 @@ class Namespaces:
                     gone += self.destroyed(nsid)
             return gone
 
+    def _gone(self, cookie: int) -> bool:
+        """Whether the kernel freed the namespace: its nsid is no more (one request, where
+        a walk of every namespace would find nothing)."""
+        nsid = next((n for n, cookies in self._cookies_by_nsid.items() if cookie in cookies),
+                    None)
+        return nsid is not None and not self._nsid_exists(nsid)
+
     def _nsid_exists(self, nsid: int) -> bool:
         try:
             return get_nsid(self._rtnl, ("NETNSA_NSID", nsid)) == nsid
@@ -372,16 +401,15 @@ class Namespaces:
             return ref
 
     def _from_process(self, cookie: int, pid: int) -> NetnsRef | None:
-        """The namespace ``cookie`` registered from ``/proc/<pid>/ns/net``, if that is it."""
+        """The namespace ``cookie`` registered from the process ``pid`` or one of its
+        threads (one may have entered it with setns), if it is there."""
         if cookie in self._by_cookie:
             return self._by_cookie[cookie]
-        ref = self._probe(f"/proc/{pid}/ns/net")
-        if ref is not None and ref.cookie != cookie:
-            self._forget_inodes()
-            ref = self._probe(f"/proc/{pid}/ns/net")
-        if ref is not None and ref.cookie == cookie:
-            self._register(ref)
-            return ref
+        for path in _process_paths(pid):
+            ref = self._probe(path)
+            if ref is not None and ref.cookie == cookie:
+                self._register(ref)
+                return ref
         return None
 
     def _valid_ref(self, cookie: int) -> NetnsRef:
@@ -389,11 +417,21 @@ class Namespaces:
         if ref is not None and self._probe(ref.path) == ref:
             return ref
         self._by_cookie.pop(cookie, None)
+        if cookie in self._tracked and self._gone(cookie):
+            # Freed, and soon reported so (destroyed): it is forgotten then, with the
+            # tuners' state for it.
+            raise NetnsError(f"network namespace with cookie {cookie} is gone")
         # A namespace kept alive only by sockets has no path: do not walk /proc for it on
         # every event, nor for each of many such namespaces.
+        missed_before = cookie in self._missing_since
         missing_since = self._missing_since.get(cookie, -RESCAN_SECONDS)
         if time.monotonic() - missing_since >= RESCAN_SECONDS and self._full_scan_allowed():
-            self._forget_inodes()
+            # The first look trusts the inode numbers of namespaces tracked (with 1000
+            # namespaces, entering each to recompute its cookie took 84 ms, in an event's
+            # handling); a namespace still missing at the next look may hide behind a
+            # reused number (a destruction not seen), so that one recomputes them all.
+            if missed_before:
+                self._forget_inodes()
             self.scan()
         ref = self._by_cookie.get(cookie)
         if ref is None:

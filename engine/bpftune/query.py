@@ -227,8 +227,10 @@ class _Loop:
     def _once(self) -> None:
         now = time.monotonic()
         deadline = min((c.deadline for c in self.conns.values() if c.phase != ANSWERING),
-                       default=now + 1.0)
-        events = self.selector.select(max(0.0, min(deadline - now, 1.0)))
+                       default=None)
+        # With no connection to time out, sleep until a listener or the wake pipe stirs:
+        # an idle daemon wakes no thread but the main loop's.
+        events = self.selector.select(None if deadline is None else max(0.0, deadline - now))
         # Requests already sent are read before new connections are let in, so a new
         # connection cannot take the slot of a client whose request has just arrived.
         ready = [key for key, _ in events]

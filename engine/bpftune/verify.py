@@ -382,12 +382,10 @@ class Sampler:
         namespaces (the newest first) up to MAX_SAMPLED besides global."""
         pinned = [c for c, n in self.pinned.items() if n > 0]
         scopes: dict[Scope, None] = dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent)])
-        known = getattr(self.namespaces, "cookies", list)
-        for cookie in reversed(known()):
+        for cookie in self.namespaces.newest(MAX_SAMPLED):
             if len(scopes) > MAX_SAMPLED:
                 break
-            if not self.namespaces.is_global(cookie):
-                scopes.setdefault(cookie)
+            scopes.setdefault(cookie)
         return [*scopes, *(s for s in reversed(self.recent_subjects) if s not in scopes)]
 
     def forget(self, cookie: int) -> None:

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from bpftune.engine import Engine
 
 
-SCHEDSTAT, CPU_PRESSURE = procnet.SCHEDSTAT, procnet.CPU_PRESSURE  # tests point them elsewhere
-
 # Upstream's limit for netdev_budget_usecs: a softirq that may poll for 50 ms keeps every
 # task on that CPU waiting that long. Upstream reached ~300 ms on a Kubernetes node
 # (oracle/bpftune#178); here it is also the tunable's hard ceiling, so nothing passes it.
@@ -100,42 +98,17 @@ def time_squeezes() -> int:
     return sum(squeezed for _, squeezed in softnet_stat().values())
 
 
-def _schedstat() -> tuple[int, int]:
-    return procnet.schedstat_wait(SCHEDSTAT)
-
-
-def _cpu_pressure() -> tuple[int, int]:
-    return procnet.psi_cpu_wait(CPU_PRESSURE)
-
-
 class WaitShare:
     """Percent of time tasks spent waiting for a CPU since the last sample. Upstream divides
     wait by run time (often over 100 %); a share of run + wait stays in 0..100."""
 
     def __init__(self) -> None:
-        self.source = None
-        for source in (_schedstat, _cpu_pressure):
-            try:
-                source()
-            except (OSError, ValueError, StopIteration):
-                continue
-            self.source = source
-            break
         self.last: tuple[int, int] | None = None
 
-    @property
-    def name(self) -> str:
-        return {_schedstat: SCHEDSTAT, _cpu_pressure: CPU_PRESSURE}.get(self.source, "none")
-
     def sample(self) -> float | None:
-        if self.source is None:
-            return None
-        try:
-            now = self.source()
-        except (OSError, ValueError, StopIteration):
-            return None
+        now = procnet.cpu_wait()
         last, self.last = self.last, now
-        if last is None or now[1] <= last[1]:
+        if now is None or last is None or now[1] <= last[1]:
             return None
         return 100 * max(now[0] - last[0], 0) / (now[1] - last[1])
 
@@ -217,7 +190,7 @@ class NetBufferTuner(Tuner):
                 "time_squeeze": {cpu: q for cpu, (_, q) in stats.items()}}
 
     def init(self) -> None:
-        log.debug(f"{self.name}: task wait share from {self.wait_share.name}")
+        log.debug(f"{self.name}: task wait share from {procnet.cpu_wait_source()}")
         self._enable_high_order_allocs()
         self.tick(time.monotonic())  # baselines, so the first tick can act
 

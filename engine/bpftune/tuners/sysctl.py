@@ -56,6 +56,7 @@ class SysctlTuner(Tuner):
         for slot, name in enumerate(self.slots):
             managed[managed.Key(name.replace(".", "/").encode())] = managed.Leaf(slot)
         self.global_writes_seen = [0] * len(self.slots)
+        self.all_global_writes_seen = 0
 
     def handle(self, event: Event) -> None:
         cookie = event.netns_cookie
@@ -70,6 +71,10 @@ class SysctlTuner(Tuner):
     def tick(self, now: float) -> None:
         """Global writes whose events were lost (a full ring buffer) are still counted."""
         counts = self.bpf["global_writes"]
+        total = counts[counts.Key(MAX_MANAGED)].value
+        if total == self.all_global_writes_seen:  # one lookup a second, not one per slot
+            return
+        self.all_global_writes_seen = total
         for slot, name in enumerate(self.slots):
             count = counts[counts.Key(slot)].value
             if count > self.global_writes_seen[slot]:
