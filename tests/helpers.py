@@ -28,6 +28,11 @@ BPFTUNE = str(Path(sys.executable).parent / "bpftune")
 #: Short verification windows (design: notes/verified-changes-design.md §6), passed in the
 #: daemon's environment: 4 ticks before a change, a grace tick, 4 after.
 VERIFY_WINDOWS = {"BPFTUNE_TEST_VERIFY": "before=4,after=4,grace=1,hold=30,min_active=2"}
+# Traffic before a change, for its window before: the sampler reads a namespace only once
+# the host is busy (a tick over 100 packets/s, then a first sample), so a namespace's first
+# active tick comes about 3 s after traffic starts; then the 4 ticks of the window, and a
+# margin for slow ticks on a loaded machine (5 s left 1 active tick of the 2 needed once).
+BEFORE_WINDOW_SECONDS = 9
 
 
 def ns_prefix(ns: str | None) -> list[str]:

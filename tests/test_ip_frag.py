@@ -29,6 +29,7 @@ from bpftune.sysctl import SysctlError
 from bpftune.tuners import ip_frag
 from bpftune.tuners.ip_frag import IpFragTuner as T
 from helpers import (
+    BEFORE_WINDOW_SECONDS,
     VERIFY_WINDOWS,
     daemon,
     netns_cookie,
@@ -133,7 +134,7 @@ def test_limit_growth_that_lets_pings_through_is_kept(tmp_path, sysctls, hosts):
     squeeze(sysctls, hosts.ns)
     assert answered(None, hosts.ns_addr, count=10, size=SMALL_PING_BYTES) == 100
     with daemon(tmp_path, env=VERIFY_WINDOWS) as d, small_pings(hosts.ns_addr):
-        time.sleep(5)  # the before window
+        time.sleep(BEFORE_WINDOW_SECONDS)
         assert ping_until_answered(None, hosts.ns_addr), d.log
         assert answered(None, hosts.ns_addr, count=20) >= 95
         before, _, after = verdict(d, "ip_frag", HIGH, "reassembly failures/1000")

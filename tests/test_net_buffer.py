@@ -35,6 +35,7 @@ from bpftune.sysctl import SysctlError
 from bpftune.tuners import net_buffer
 from bpftune.tuners.net_buffer import NetBufferTuner as T
 from helpers import (
+    BEFORE_WINDOW_SECONDS,
     BPFTUNE,
     VERIFY_WINDOWS,
     Iperf,
@@ -206,7 +207,7 @@ def test_backlog_growth_that_ends_the_drops_is_kept(tmp_path, sysctls, hosts):
     sysctls.set(BUDGET, str(SMALL_BUDGET))
     with iperf_server(hosts.ns, hosts.ns_addr), daemon(tmp_path, env=VERIFY_WINDOWS) as d, \
             paced_udp((hosts.ns_addr, PORT + 1), 1000):
-        time.sleep(5)  # the before window
+        time.sleep(BEFORE_WINDOW_SECONDS)
         burst = transfer(None, hosts.ns_addr, 1)
         assert burst.drops_per_s > 100, f"no backlog drops to tune for: {burst}"
         assert backlog() > TINY_BACKLOG

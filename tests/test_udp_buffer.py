@@ -29,6 +29,7 @@ from bpftune.tuner import Scenario, Tunable
 from bpftune.tuners import udp_buffer
 from bpftune.tuners.udp_buffer import UdpBufferTuner as T
 from helpers import (
+    BEFORE_WINDOW_SECONDS,
     REPO,
     VERIFY_WINDOWS,
     Iperf,
@@ -163,7 +164,7 @@ def test_rmem_default_growth_that_leaves_no_drops_is_kept(tmp_path, sysctls, hos
     sysctls.set(RMEM_MAX, str(SQUEEZED))
     with daemon(tmp_path, env=VERIFY_WINDOWS) as d, batch_receiver(hosts.ns, hosts.ns_addr), \
             paced_udp((hosts.ns_addr, PORT), 500):
-        time.sleep(5)  # the before window
+        time.sleep(BEFORE_WINDOW_SECONDS)
         drops = udp_counters(hosts.ns)["RcvbufErrors"]
         burst(None, hosts.ns_addr)
         assert udp_counters(hosts.ns)["RcvbufErrors"] > drops + 100

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    BEFORE_WINDOW_SECONDS,
     VERIFY_WINDOWS,
     daemon,
     read_sysctl,
@@ -105,7 +106,7 @@ def test_a_change_that_hurts_is_reverted_with_evidence_and_held(tmp_path, flows)
     with daemon(tmp_path, "--audit-file", str(audit_file), env=VERIFY_WINDOWS) as d:
         flows(5301, lock_rcvbuf=True)  # activity only
         b = flows(5302, lock_rcvbuf=False)
-        time.sleep(5)  # the before window
+        time.sleep(BEFORE_WINDOW_SECONDS)
         b.set("burst")
         d.wait_for(rf"{GROWN}", timeout=20)
         b.set("pace")
