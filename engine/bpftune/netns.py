@@ -293,10 +293,6 @@ class Namespaces:
             new, self._new = self._new, []
             return new
 
-    def cookies(self) -> list[int]:
-        """Every namespace known now, in the order they were found."""
-        return list(self._by_cookie)
-
     def newest(self, count: int) -> list[int]:
         """Up to ``count`` namespaces other than the global one, the last found first: a
         look at a few, whatever the number known."""
