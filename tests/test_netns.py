@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from pyroute2 import netns as pyroute2_netns
 
 from bpftune import query
 from bpftune.netns import Namespaces, NetnsError, current_cookie
@@ -161,3 +162,47 @@ def test_a_namespace_a_thread_entered_is_found_from_its_process_without_a_scan(m
         worker.join()
         namespaces.close()
 
+
+
+def test_a_namespace_whose_name_was_removed_is_not_looked_for_everywhere(monkeypatch):
+    """`ip netns del` of a namespace a thread still holds: events that come for it after
+    (queued, or raised as its sockets close) find it at its process's thread, or fail at
+    once. A walk of the system would find nothing, and costs as much as there are names
+    under /run/netns (50 ms with 1000, in an event's handling)."""
+    name = f"bpftune-test-unnamed-{uuid.uuid4().hex[:8]}"
+    namespaces = Namespaces()
+    entered, left, done = threading.Event(), threading.Event(), threading.Event()
+    found: list[int] = []
+
+    def thread_in_the_named_netns() -> None:
+        pyroute2_netns.setns(name)
+        found.append(current_cookie())
+        entered.set()
+        done.wait(30)
+        pyroute2_netns.setns("/proc/self/ns/net")  # the process's own namespace
+        left.set()
+
+    pyroute2_netns.create(name)
+    worker = threading.Thread(target=thread_in_the_named_netns)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        cookie = found[0]
+        assert namespaces.named(name) == cookie
+        pyroute2_netns.remove(name)
+        monkeypatch.setattr(namespaces, "scan", lambda: pytest.fail("scanned every namespace"))
+        with pytest.raises(NetnsError, match="lost its name"):
+            namespaces.ensure(cookie)
+        namespaces.ensure(cookie, os.getpid())  # the event's process: found at its thread
+        with namespaces.entered(cookie):
+            assert current_cookie() == cookie
+        done.set()
+        assert left.wait(10)
+        with pytest.raises(NetnsError):  # gone, or nameless: either way not looked for
+            namespaces.ensure(cookie, os.getpid())
+    finally:
+        done.set()
+        worker.join()
+        if name in pyroute2_netns.listnetns():
+            pyroute2_netns.remove(name)
+        namespaces.close()

@@ -120,12 +120,16 @@ class Namespaces:
         self.global_cookie = current_cookie()
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[tuple[int, int], int] = {}
+        self._inode_by_cookie: dict[int, tuple[int, int]] = {}  # to forget one in O(1)
         self._missing_since: dict[int, float] = {}  # cookie -> when a scan last missed it
         self.last_full_scan = -float("inf")
         self.rescan_wanted = False  # a namespace was reported whose path was not found
         # nsid -> cookies: nsids are reused, so one may briefly name a gone namespace and
         # its successor.
         self._cookies_by_nsid: dict[int, set[int]] = {}
+        self._nsid_by_cookie: dict[int, int] = {}
+        # Tracked namespaces whose name (bind mount) was removed: see _valid_ref.
+        self._unnamed: set[int] = set()
         self._rtnl = rtnl.open_socket()
         self._new: list[NetnsRef] = []
         # Cookies registered and not destroyed: a namespace whose path went stale (the
@@ -141,7 +145,7 @@ class Namespaces:
         """Sizes of the per-namespace tables, to check they shrink as namespaces go."""
         with self._lock:
             return {"namespaces": len(self._tracked), "inodes": len(self._cookie_by_inode),
-                    "missing": len(self._missing_since),
+                    "missing": len(self._missing_since), "unnamed": len(self._unnamed),
                     "nsids": sum(len(c) for c in self._cookies_by_nsid.values())}
 
     def is_global(self, cookie: int) -> bool:
@@ -207,6 +211,7 @@ class Namespaces:
             return None
         inode = (st.st_dev, st.st_ino)
         self._cookie_by_inode[inode] = cookie
+        self._inode_by_cookie[cookie] = inode
         return NetnsRef(cookie, path, inode), fd
 
     def scan(self) -> list[NetnsRef]:
@@ -266,11 +271,7 @@ class Namespaces:
         if self.is_global(cookie):
             return
         with self._lock:
-            # Events from softirq context carry whichever process was interrupted: a miss
-            # there asks for no rescan.
-            if pid > 0 and cookie not in self._by_cookie and self._from_process(cookie, pid):
-                return
-            self._valid_ref(cookie)
+            self._valid_ref(cookie, pid)
 
     def _scan(self, paths: Iterable[str], *, fresh: bool = False) -> list[NetnsRef]:
         with self._lock:
@@ -284,7 +285,7 @@ class Namespaces:
                     self._register(ref)
                     new.append(ref)
                 elif _is_named(ref.path) and not _is_named(known.path):
-                    self._by_cookie[ref.cookie] = ref  # its name is how people know it
+                    self._register(ref)  # its name is how people know it
             return new
 
     def take_new(self) -> list[NetnsRef]:
@@ -308,6 +309,8 @@ class Namespaces:
     def _register(self, ref: NetnsRef, fd: int | None = None) -> None:
         """``fd``: the namespace, when the caller holds it open."""
         self._by_cookie[ref.cookie] = ref
+        if _is_named(ref.path):
+            self._unnamed.discard(ref.cookie)
         if ref.cookie in self._tracked:
             return
         self._tracked.add(ref.cookie)
@@ -329,6 +332,7 @@ class Namespaces:
                 os.close(held)
         if nsid is not None:
             self._cookies_by_nsid.setdefault(nsid, set()).add(ref.cookie)
+            self._nsid_by_cookie[ref.cookie] = nsid
 
     def destroyed(self, nsid: int) -> list[int]:
         """The kernel freed the namespace with this nsid: forget it, and return its cookie
@@ -357,8 +361,7 @@ class Namespaces:
     def _gone(self, cookie: int) -> bool:
         """Whether the kernel freed the namespace: its nsid is no more (one request, where
         a walk of every namespace would find nothing)."""
-        nsid = next((n for n, cookies in self._cookies_by_nsid.items() if cookie in cookies),
-                    None)
+        nsid = self._nsid_by_cookie.get(cookie)
         return nsid is not None and not self._nsid_exists(nsid)
 
     def _nsid_exists(self, nsid: int) -> bool:
@@ -368,16 +371,21 @@ class Namespaces:
             return False
 
     def forget(self, cookie: int) -> None:
+        """Drop all that is known of the namespace: in O(1), since with many namespaces
+        each destruction does it."""
         with self._lock:
             self._by_cookie.pop(cookie, None)
             self._tracked.discard(cookie)
+            self._unnamed.discard(cookie)
             self._missing_since.pop(cookie, None)
-            self._cookie_by_inode = {i: c for i, c in self._cookie_by_inode.items()
-                                     if c != cookie}
-            for nsid, cookies in list(self._cookies_by_nsid.items()):
-                cookies.discard(cookie)
-                if not cookies:
-                    del self._cookies_by_nsid[nsid]
+            inode = self._inode_by_cookie.pop(cookie, None)
+            if inode is not None and self._cookie_by_inode.get(inode) == cookie:
+                del self._cookie_by_inode[inode]
+            nsid = self._nsid_by_cookie.pop(cookie, None)
+            cookies = self._cookies_by_nsid.get(nsid, set())
+            cookies.discard(cookie)
+            if nsid is not None and not cookies:
+                self._cookies_by_nsid.pop(nsid, None)
 
     def has(self, cookie: int) -> bool:
         return self.is_global(cookie) or cookie in self._by_cookie
@@ -386,12 +394,13 @@ class Namespaces:
         """nsfs inode numbers are reused once a namespace is freed, so a cached inode can
         name a new namespace: recompute every cookie on the next scan."""
         self._cookie_by_inode.clear()
+        self._inode_by_cookie.clear()
 
     def add(self, cookie: int, pid: int) -> NetnsRef | None:
         """Register a namespace reported by BPF (creator ``pid``). If that process is gone
         already, ask for a rescan (``rescan_if_wanted``) instead of walking /proc now."""
         with self._lock:
-            ref = self._from_process(cookie, pid)
+            ref = self._by_cookie.get(cookie) or self._from_process(cookie, pid)
             if ref is None:
                 self.rescan_wanted = True
             return ref
@@ -399,8 +408,6 @@ class Namespaces:
     def _from_process(self, cookie: int, pid: int) -> NetnsRef | None:
         """The namespace ``cookie`` registered from the process ``pid`` or one of its
         threads (one may have entered it with setns), if it is there."""
-        if cookie in self._by_cookie:
-            return self._by_cookie[cookie]
         for path in _process_paths(pid):
             ref = self._probe(path)
             if ref is not None and ref.cookie == cookie:
@@ -408,15 +415,29 @@ class Namespaces:
                 return ref
         return None
 
-    def _valid_ref(self, cookie: int) -> NetnsRef:
+    def _valid_ref(self, cookie: int, pid: int = 0) -> NetnsRef:
+        """A path that holds the namespace ``cookie`` now. ``pid``: the process an event
+        came from, looked at (with its threads) before anything costlier; events from
+        softirq context carry whichever process was interrupted, so it may not be there."""
         ref = self._by_cookie.get(cookie)
         if ref is not None and self._probe(ref.path) == ref:
             return ref
         self._by_cookie.pop(cookie, None)
+        if ref is not None and _is_named(ref.path):
+            self._unnamed.add(cookie)
+        if pid > 0 and (found := self._from_process(cookie, pid)) is not None:
+            return found
         if cookie in self._tracked and self._gone(cookie):
             # Freed, and soon reported so (destroyed): it is forgotten then, with the
             # tuners' state for it.
             raise NetnsError(f"network namespace with cookie {cookie} is gone")
+        if cookie in self._unnamed:
+            # Its name was removed (ip netns del, a CNI plugin's teardown): its owner is
+            # done with it, and it lives on only until its last sockets close or its last
+            # thread leaves. A walk of the system would cost as much as there are
+            # namespaces (1000 names under /run/netns: 50 ms, in an event) and find
+            # nothing; a process still in it is found from its own events (``pid``).
+            raise NetnsError(f"network namespace with cookie {cookie} has lost its name")
         # A namespace kept alive only by sockets has no path: do not walk /proc for it on
         # every event, nor for each of many such namespaces.
         missed_before = cookie in self._missing_since
