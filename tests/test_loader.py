@@ -4,18 +4,21 @@ never maps LLVM; what a child that hangs or dies costs is the one module it was 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bpftune import bpf
-from bpftune.bpf import BpfError, Module, Programs, mounted_fstype
+from bpftune.bpf import BpfError, CompileRequest, Module, Programs, mounted_fstype
 from bpftune.btf import Btf
 from bpftune.learning import LearningRate
 from helpers import daemon
 
 COMPILERS = ("libbcc", "LLVM", "libclang", "libclang-cpp")
 FINE = "BPF_ARRAY(counts, u64, 1);\nint unused(void *ctx) { return 0; }\n"
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 
 
 def mapped_libraries(pid: int) -> set[str]:
@@ -67,3 +70,25 @@ def test_a_module_that_does_not_compile_fails_with_the_compilers_reason(tmp_path
     with pytest.raises(BpfError, match=r"cannot load BPF program broken\.bpf\.c: .*Failed to "
                                        r"compile BPF module"):
         programs.compile(tmp_path / "broken.bpf.c", 0, {}, text="int broken( {\n")
+
+
+def test_bcc_finds_the_probe_read_helper_in_the_loaders_small_kallsyms(programs):
+    """The loader child shows BCC a /proc/kallsyms of just the symbols its compile looks up
+    (bpftune.loader.small_kallsyms): every READ_AT's bpf_probe_read_kernel is still that
+    helper, as with the whole file. BCC turns it into bpf_probe_read (shown as
+    bpf_probe_read_compat) where it cannot find the symbol."""
+    text = ("int deref(struct bpf_raw_tracepoint_args *ctx)\n"
+            "{ u64 v = 0; bpf_probe_read_kernel(&v, sizeof(v), (void *)ctx->args[0]);\n"
+            "  return v; }\n")
+    request = CompileRequest("deref", text, [], {"deref": BPF_PROG_TYPE_RAW_TRACEPOINT})
+    module = programs.loader.load([request])["deref"]
+    assert isinstance(module, Module), module
+    try:
+        fdinfo = Path(f"/proc/self/fdinfo/{module.programs['deref']}").read_text()
+        prog_id = re.search(r"prog_id:\s+(\d+)", fdinfo)[1]
+        xlated = subprocess.run(["bpftool", "prog", "dump", "xlated", "id", prog_id],
+                                capture_output=True, text=True, check=True).stdout
+        calls = re.findall(r"call (\w+)#", xlated)
+        assert calls == ["bpf_probe_read_kernel"], xlated
+    finally:
+        module.close()

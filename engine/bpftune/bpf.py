@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import bpftune
 from bpftune import libbpf
@@ -105,6 +107,18 @@ class CompileRequest:
     attach: bool = True
 
 
+@dataclass
+class _Child:
+    """A loader child at work: the module it was handed (None once told there is no more),
+    and when, for its deadline."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+    diagnostics: IO[bytes]
+    compiling: CompileRequest | None = None
+    since: float = 0.0
+
+
 class Loader:
     """Runs loader children and turns their answers into Modules (or BpfErrors)."""
 
@@ -113,70 +127,90 @@ class Loader:
 
     def load(self, requests: list[CompileRequest], children: int = 1
              ) -> dict[str, Module | BpfError]:
-        """Compile every request, split over ``children`` processes run side by side."""
-        batches = [requests[i::children] for i in range(min(children, len(requests)))]
-        running = [self._spawn(batch) for batch in batches]
+        """Compile every request in up to ``children`` processes side by side, each handed
+        the next module when it answers one: compile times differ (0.3 to 0.8 s here), and
+        batches fixed in advance left one child working 0.5 s after the other.
+        A child that dies (LLVM aborts on some errors) or outlives LOADER_TIMEOUT_S on one
+        module (LLVM can hang) costs that module only; a new child takes the rest."""
+        queue = deque(requests)
         results: dict[str, Module | BpfError] = {}
-        for batch, (child, sock, diagnostics) in zip(batches, running, strict=True):
-            results |= self._collect_or_retry(batch, child, sock, diagnostics)
+        running = [self._spawn() for _ in range(min(children, len(requests)))]
+        for child in running:
+            self._hand_next(child, queue)
+        while running:
+            now = time.monotonic()
+            for child in running:
+                if now - child.since > LOADER_TIMEOUT_S:
+                    child.proc.kill()  # our own child, by its PID; its socket ends
+            wait = min(child.since for child in running) + LOADER_TIMEOUT_S - now
+            ready, _, _ = select.select([c.sock for c in running], [], [], max(wait, 0.01))
+            for child in [c for c in running if c.sock in ready]:
+                message, fds, _, _ = socket.recv_fds(child.sock, 1 << 20, SCM_MAX_FD)
+                if message:
+                    answer = json.loads(message)
+                    results[answer["name"]] = _module(answer, fds)
+                    self._hand_next(child, queue)
+                    continue
+                running.remove(child)
+                failed = self._ended(child, queue)
+                results |= failed
+                if queue:  # it died compiling one: the rest go on
+                    running.append(replacement := self._spawn())
+                    self._hand_next(replacement, queue)
         return results
 
-    def _collect_or_retry(self, batch: list[CompileRequest], child, sock, diagnostics
-                          ) -> dict[str, Module | BpfError]:
-        """A child that dies (LLVM aborts on some errors) does so compiling the first
-        module it did not answer: that one fails, the rest get a new child."""
-        results, said = self._collect(batch, child, sock, diagnostics)
-        left = [r for r in batch if r.name not in results]
-        if left and child.returncode > 0:  # the loader's own error (bpftune.loader's main)
-            return results | {r.name: BpfError(f"BPF loader failed: {said}") for r in left}
-        if left:
-            results[left[0].name] = BpfError(
-                f"BPF loader died compiling it ({_how_ended(child.returncode)})")
-            if left[1:]:
-                results |= self._collect_or_retry(left[1:], *self._spawn(left[1:]))
-        return results
+    def _ended(self, child: _Child, queue: deque[CompileRequest]
+               ) -> dict[str, BpfError]:
+        """A child's socket closed: it exited. What failed with it: the module it was
+        compiling, and all modules still queued if it failed on its own (bpftune.loader's
+        main: any other child would too)."""
+        child.sock.close()
+        status = child.proc.wait()
+        said = _log_diagnostics(child.diagnostics)
+        if child.compiling is None:
+            return {}
+        if status > 0:
+            failed = [child.compiling, *queue]
+            queue.clear()
+            return {r.name: BpfError(f"BPF loader failed: {said}") for r in failed}
+        return {child.compiling.name:
+                BpfError(f"BPF loader died compiling it ({_how_ended(status)})")}
 
-    def _spawn(self, batch: list[CompileRequest]):
+    def _hand_next(self, child: _Child, queue: deque[CompileRequest]) -> None:
+        """Write the next module to the child's stdin (one JSON line), or close it: the
+        child exits when it reads the end."""
+        child.compiling = queue.popleft() if queue else None
+        child.since = time.monotonic()
+        with contextlib.suppress(BrokenPipeError):  # it died: its socket tells
+            if child.compiling is None:
+                child.proc.stdin.close()
+                return
+            child.proc.stdin.write(json.dumps(vars(child.compiling)).encode() + b"\n")
+            child.proc.stdin.flush()
+
+    def _spawn(self) -> _Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A file, not a pipe, which could fill while we wait; closed by _log_diagnostics.
         diagnostics = tempfile.TemporaryFile()  # noqa: SIM115
-        request = {"sock": theirs.fileno(), "pin_dir": PIN_DIR, "shared": self.shared,
-                   "modules": [vars(r) for r in batch]}
+        request = {"sock": theirs.fileno(), "pin_dir": PIN_DIR, "shared": self.shared}
         engine_path = str(Path(bpftune.__file__).resolve().parent.parent)
         env = os.environ | {"PYTHONPATH": os.pathsep.join(
             p for p in (engine_path, os.environ.get("PYTHONPATH")) if p)}
         try:
-            child = subprocess.Popen([sys.executable, "-m", "bpftune.loader"],
-                                     stdin=subprocess.PIPE, stdout=diagnostics,
-                                     stderr=diagnostics, env=env,
-                                     pass_fds=[theirs.fileno(), *self.shared.values()])
+            proc = subprocess.Popen([sys.executable, "-m", "bpftune.loader"],
+                                    stdin=subprocess.PIPE, stdout=diagnostics,
+                                    stderr=diagnostics, env=env,
+                                    pass_fds=[theirs.fileno(), *self.shared.values()])
         except OSError as e:
+            ours.close()
+            diagnostics.close()
             raise BpfError(f"cannot start the BPF loader: {e}") from None
         finally:
             theirs.close()
         with contextlib.suppress(BrokenPipeError):
-            child.stdin.write(json.dumps(request).encode())
-        child.stdin.close()
-        return child, ours, diagnostics
-
-    def _collect(self, batch, child, sock, diagnostics
-                 ) -> tuple[dict[str, Module | BpfError], str]:
-        """The child's answers, and the last line it wrote (its error, if it failed)."""
-        results: dict[str, Module | BpfError] = {}
-        deadline = time.monotonic() + LOADER_TIMEOUT_S
-        with sock:
-            while len(results) < len(batch):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([sock], [], [], left)[0]:
-                    child.kill()  # our own child, by its PID
-                    break
-                message, fds, _, _ = socket.recv_fds(sock, 1 << 20, SCM_MAX_FD)
-                if not message:
-                    break
-                answer = json.loads(message)
-                results[answer["name"]] = _module(answer, fds)
-        child.wait()
-        return results, _log_diagnostics(diagnostics)
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
+        return _Child(proc, ours, diagnostics, since=time.monotonic())
 
 
 def _module(answer: dict, fds: list[int]) -> Module | BpfError:
@@ -288,7 +322,10 @@ class Programs:
         compile of each module (0.3 s) is most of the time to start. Each child peaks
         near 130 MiB while it compiles; the daemon itself never does."""
         children = max(1, min(3, len(os.sched_getaffinity(0))))
-        return self.loader.load(requests, children)
+        # The longest sources first (tcp_conn's compile is the longest, 0.75 s): one
+        # started last would keep a child working alone at the end.
+        longest_first = sorted(requests, key=lambda r: len(r.text), reverse=True)
+        return self.loader.load(longest_first, children)
 
     def compile(self, source: Path, tuner_id: int, fields: dict[str, Field],
                 **options) -> Module:
