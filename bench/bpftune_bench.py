@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -66,15 +66,16 @@ class Plan:
     steady: int = 60  # footprint: seconds idle, then under traffic, before reading VmRSS
     benefit_rounds: int = 3
     namespaces: int = 1000
-    window: int = 60  # scale: idle window with and without the namespaces
-    churns: int = 10  # scale: new namespaces whose reaction is timed
+    window: int = 30  # scale: idle window with and without the namespaces, each round
+    scale_rounds: int = 2  # scale: none, then the namespaces, alternated
+    churns: int = 10  # scale: new namespaces whose reaction is timed, each round
     pmda_rounds: int = 40
     pminfo_rounds: int = 10
 
 
 FULL = Plan()
-QUICK = Plan(rounds=3, seconds=2, idle=10, steady=10, benefit_rounds=1, window=10, churns=3,
-             pmda_rounds=10, pminfo_rounds=3)
+QUICK = Plan(rounds=3, seconds=2, idle=10, steady=10, benefit_rounds=1, window=10,
+             scale_rounds=1, churns=3, pmda_rounds=10, pminfo_rounds=3)
 
 
 def spread(xs: list[float]) -> float:
@@ -446,17 +447,40 @@ def namespaces(count: int) -> Iterator[None]:
                 pyroute2_netns.remove(name)
 
 
-def reactions(pid: int, count: int) -> tuple[float | None, float, str]:
-    """Median ms bpftune takes to grow tcp_rmem in a new namespace with traffic
-    (helpers.churn_namespace), over ``count`` namespaces; and the daemon's CPU ms per
-    namespace meanwhile. The reaction is wall-clock, so it moves with the host's scheduling;
-    the CPU is the per-event handling cost itself."""
+def reactions(pid: int, count: int) -> tuple[list[float], float, int]:
+    """Times (ms) bpftune took to grow tcp_rmem in ``count`` new namespaces with traffic
+    (helpers.churn_namespace), one after another, for those it acted in; and the daemon's
+    CPU seconds meanwhile. The times are wall-clock, so they move with the host's
+    scheduling; the CPU is the per-event handling cost itself."""
     before = cpu_seconds(pid)
     times = [churn_namespace(f"{CHURN_PREFIX}{i}") for i in range(count)]
-    cpu_ms = (cpu_seconds(pid) - before) * 1000 / count
-    acted = [t * 1000 for t in times if t is not None]
-    median = statistics.median(acted) if acted else None
-    return median, cpu_ms, f"acted in {len(acted)}/{count}"
+    return [t * 1000 for t in times if t is not None], cpu_seconds(pid) - before, count
+
+
+@dataclass
+class ScaleSide:
+    """One side of the scale comparison (no other namespaces, or many), over its rounds."""
+
+    cpu: list[float] = field(default_factory=list)  # s/min, each idle window
+    rss: list[float] = field(default_factory=list)  # MiB, after each
+    reactions: list[float] = field(default_factory=list)  # ms
+    churn_cpu: float = 0.0  # s
+    churned: int = 0
+
+    def measure(self, pid: int, plan: Plan) -> None:
+        cpu, rss = idle_window(pid, plan.window)
+        self.cpu.append(cpu)
+        self.rss.append(rss)
+        times, cpu_s, count = reactions(pid, plan.churns)
+        self.reactions += times
+        self.churn_cpu += cpu_s
+        self.churned += count
+
+    def reaction(self) -> float | None:
+        return statistics.median(self.reactions) if self.reactions else None
+
+    def cpu_per_namespace_ms(self) -> float:
+        return self.churn_cpu * 1000 / self.churned
 
 
 def sampler_tick_ms(ticks: int) -> tuple[float, str]:
@@ -481,49 +505,57 @@ def sampler_tick_ms(ticks: int) -> tuple[float, str]:
 
 
 def scale(tmp: Path, plan: Plan) -> list[Figure]:
+    """No other namespaces and ``plan.namespaces`` of them, alternated (the host's speed
+    drifts over minutes: a ratio of two windows taken one after the other showed it)."""
     sysctls = Sysctls()
     # New namespaces copy the global tcp_rmem: squeezed, bpftune grows it in each.
     sysctls.set(RMEM, SQUEEZED[RMEM])
+    none, many = ScaleSide(), ScaleSide()
     try:
         with daemon(tmp / "scale") as d:
             time.sleep(SETTLE)
-            cpu0, rss0 = idle_window(d.proc.pid, plan.window)
-            react0, cpu_react0, acted0 = reactions(d.proc.pid, plan.churns)
-            with namespaces(plan.namespaces):
-                time.sleep(SETTLE)
-                cpu1, rss1 = idle_window(d.proc.pid, plan.window)
-                react1, cpu_react1, acted1 = reactions(d.proc.pid, plan.churns)
-                sampler_ms, sampled = sampler_tick_ms(plan.churns)
+            for _ in range(plan.scale_rounds):
+                none.measure(d.proc.pid, plan)
+                with namespaces(plan.namespaces):
+                    time.sleep(SETTLE)
+                    many.measure(d.proc.pid, plan)
+                    sampler_ms, sampled = sampler_tick_ms(plan.churns)
     finally:
         sysctls.restore()
-    n = plan.namespaces
-    ratio = react1 / react0 if react0 and react1 else None
+    n, rounds = plan.namespaces, f"{plan.scale_rounds} rounds alternated"
+    react0, react1 = none.reaction(), many.reaction()
+    churns = f"{len(none.reactions)}/{none.churned} and {len(many.reactions)}/{many.churned}"
+    cpu_ratios = [b / a for a, b in zip(none.cpu, many.cpu, strict=True)]
     return [
-        Figure("scale.cpu_none", "scale: daemon CPU per minute idle, no namespaces", cpu0,
-               "s", digits=3, detail=f"over {plan.window} s"),
-        Figure("scale.cpu_many", f"scale: daemon CPU per minute idle, {n} namespaces", cpu1,
-               "s", digits=3),
-        Figure("scale.cpu_ratio", f"scale: idle CPU, {n} namespaces / none", cpu1 / cpu0,
-               target="< 1.1", digits=3),
-        Figure("scale.rss_none", "scale: daemon VmRSS, no namespaces", rss0, "MiB", digits=1),
-        Figure("scale.rss_many", f"scale: daemon VmRSS, {n} namespaces", rss1, "MiB",
+        Figure("scale.cpu_none", "scale: daemon CPU per minute idle, no namespaces",
+               statistics.mean(none.cpu), "s", digits=3,
+               detail=f"{plan.window} s windows, {rounds}"),
+        Figure("scale.cpu_many", f"scale: daemon CPU per minute idle, {n} namespaces",
+               statistics.mean(many.cpu), "s", digits=3),
+        Figure("scale.cpu_ratio", f"scale: idle CPU, {n} namespaces / none",
+               sum(many.cpu) / sum(none.cpu), target="< 1.1", digits=3,
+               detail="each round: " + ", ".join(f"{r:.3f}" for r in cpu_ratios)),
+        Figure("scale.rss_none", "scale: daemon VmRSS, no namespaces", none.rss[-1], "MiB",
                digits=1),
-        Figure("scale.rss_ratio", f"scale: VmRSS, {n} namespaces / none", rss1 / rss0,
-               target="< 1.1", digits=3),
+        Figure("scale.rss_many", f"scale: daemon VmRSS, {n} namespaces", many.rss[-1], "MiB",
+               digits=1),
+        Figure("scale.rss_ratio", f"scale: VmRSS, {n} namespaces / none",
+               many.rss[-1] / none.rss[-1], target="< 1.1", digits=3),
         Figure("scale.reaction_none", "scale: reaction in a new namespace, no others", react0,
-               "ms", digits=1, detail=acted0),
+               "ms", digits=1, detail=f"acted in {churns}"),
         Figure("scale.reaction_many", f"scale: reaction in a new namespace, {n} others",
-               react1, "ms", digits=1, detail=acted1),
+               react1, "ms", digits=1),
         # Wall-clock, a few ms: the host's scheduling shows in it. The cost that must not
         # grow with namespaces is the CPU below.
-        Figure("scale.reaction_ratio", f"scale: reaction, {n} namespaces / none", ratio,
-               digits=3),
+        Figure("scale.reaction_ratio", f"scale: reaction, {n} namespaces / none",
+               react1 / react0 if react0 and react1 else None, digits=3),
         Figure("scale.event_cpu_none", "scale: daemon CPU per new namespace, no others",
-               cpu_react0, "ms", digits=2),
+               none.cpu_per_namespace_ms(), "ms", digits=2),
         Figure("scale.event_cpu_many", f"scale: daemon CPU per new namespace, {n} others",
-               cpu_react1, "ms", digits=2),
+               many.cpu_per_namespace_ms(), "ms", digits=2),
         Figure("scale.event_cpu_ratio", f"scale: CPU per new namespace, {n} / none",
-               cpu_react1 / cpu_react0, target="< 1.1", digits=3),
+               many.cpu_per_namespace_ms() / none.cpu_per_namespace_ms(), target="< 1.1",
+               digits=3),
         # Verified changes sample only while the host moves packets (Sampler.quiet): then
         # this is their cost each second, in ms of one CPU.
         Figure("scale.verify_sampler", "verified changes: sampler, a busy tick", sampler_ms,

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
@@ -196,6 +197,15 @@ def test_a_namespace_whose_name_was_removed_is_not_looked_for_everywhere(monkeyp
         namespaces.ensure(cookie, os.getpid())  # the event's process: found at its thread
         with namespaces.entered(cookie):
             assert current_cookie() == cookie
+        # Named again (what `ip netns attach` does): known, and by its new name.
+        attached = Path(f"/run/netns/{name}-again")
+        attached.touch()
+        subprocess.run(["mount", "--bind", f"/proc/{os.getpid()}/task/{worker.native_id}/ns/net",
+                        str(attached)], check=True)
+        assert namespaces.found_at(str(attached)) is False
+        assert namespaces.name(cookie) == attached.name
+        namespaces.ensure(cookie)
+        pyroute2_netns.remove(attached.name)
         done.set()
         assert left.wait(10)
         with pytest.raises(NetnsError):  # gone, or nameless: either way not looked for
@@ -203,6 +213,6 @@ def test_a_namespace_whose_name_was_removed_is_not_looked_for_everywhere(monkeyp
     finally:
         done.set()
         worker.join()
-        if name in pyroute2_netns.listnetns():
-            pyroute2_netns.remove(name)
+        for left in {name, f"{name}-again"} & set(pyroute2_netns.listnetns()):
+            pyroute2_netns.remove(left)
         namespaces.close()

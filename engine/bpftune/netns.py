@@ -235,19 +235,20 @@ class Namespaces:
 
     def found_at(self, path: str) -> bool | None:
         """Register the namespace at ``path`` (e.g. a new name under /run/netns): True if
-        it was not known before, False if it was, None if ``path`` is no namespace (yet).
-        One open serves the look and the registration, so a namespace deleted meanwhile is
-        still registered, and its destruction reported."""
+        it was not known before, False if it was (it is known by this path from now on: a
+        namespace renamed, or given a name again, is not looked for under the old one).
+        None if ``path`` is no namespace (yet). One open serves the look and the
+        registration, so a namespace deleted meanwhile is still registered, and its
+        destruction reported."""
         with self._lock:
             opened = self._opened(path)
             if opened is None:
                 return None
             ref, fd = opened
             try:
-                if ref.cookie in self._by_cookie:
-                    return False
+                known = self.tracked(ref.cookie)
                 self._register(ref, fd)
-                return True
+                return not known
             finally:
                 os.close(fd)
 
