@@ -41,7 +41,15 @@ from pyroute2 import netns as pyroute2_netns
 from record import Figure
 
 from bpftune.tuners.net_buffer import BUDGET_CEILING, USECS_CAP
-from helpers import Hosts, Sysctls, churn_namespace, daemon, ns_prefix, wait_until
+from helpers import (
+    Hosts,
+    Sysctls,
+    bpftune_state,
+    churn_namespace,
+    daemon,
+    ns_prefix,
+    wait_until,
+)
 
 RMEM, WMEM = "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"
 ROOMY = {RMEM: "4096 131072 268435456", WMEM: "4096 16384 268435456"}  # no change needed
@@ -504,6 +512,11 @@ def sampler_tick_ms(ticks: int) -> tuple[float, str]:
         namespaces.close()
 
 
+def tracked_namespaces() -> int:
+    """How many namespaces the running daemon tracks."""
+    return bpftune_state()["daemon"]["tables"]["namespaces"]
+
+
 def scale(tmp: Path, plan: Plan) -> list[Figure]:
     """No other namespaces and ``plan.namespaces`` of them, alternated (the host's speed
     drifts over minutes: a ratio of two windows taken one after the other showed it)."""
@@ -514,12 +527,20 @@ def scale(tmp: Path, plan: Plan) -> list[Figure]:
     try:
         with daemon(tmp / "scale") as d:
             time.sleep(SETTLE)
+            known = tracked_namespaces()
             for _ in range(plan.scale_rounds):
                 none.measure(d.proc.pid, plan)
                 with namespaces(plan.namespaces):
                     time.sleep(SETTLE)
                     many.measure(d.proc.pid, plan)
                     sampler_ms, sampled = sampler_tick_ms(plan.churns)
+                # The kernel frees namespaces in batches, seconds after they are deleted,
+                # and the daemon forgets each then: not in the next idle window.
+                if not wait_until(lambda: tracked_namespaces() <= known, timeout=120,
+                                  interval=1):
+                    raise SystemExit(f"bench: the daemon still tracks {tracked_namespaces()}"
+                                     f" namespaces 120 s after deleting them ({known} before)")
+                time.sleep(SETTLE)
     finally:
         sysctls.restore()
     n, rounds = plan.namespaces, f"{plan.scale_rounds} rounds alternated"
