@@ -27,8 +27,8 @@ CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message
 KALLSYMS = "/proc/kallsyms"
-#: The kernel symbols BCC's compile looks up (b_frontend_action.cc: which probe-read helpers
-#: the kernel has, to rewrite pointer dereferences with).
+#: The kernel symbols BCC's compile looks up (b_frontend_action.cc: whether the kernel has
+#: bpf_probe_read_kernel and _user; where not, BCC turns calls to them into bpf_probe_read).
 BCC_LOOKS_UP = b"bpf_probe_read"
 
 _libc = ct.CDLL(None, use_errno=True)
