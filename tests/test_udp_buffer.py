@@ -154,8 +154,10 @@ def growth_steps(log: str, name: str) -> list[tuple[int, int]]:
 
 
 def test_rmem_default_growth_that_leaves_no_drops_is_kept(tmp_path, sysctls, hosts):
-    """Verified changes: a batch receiver in the test netns keeps up with a steady 500
-    datagrams a second (the window before the change: active, no drops); a burst it drops
+    """Verified changes: a batch receiver in the test netns keeps up with a steady 200
+    datagrams a second (the window before the change: active, no drops; at 500 a second,
+    its 8 KiB buffer, 3 datagrams, overflowed in 1 run of 4 on a busy host, and the growth
+    came before any baseline); a burst it drops
     grows rmem_default (one step: the socket keeps its buffer, so its later drops are
     stale); the steady pace goes on over the window after the change with no more drops
     than before, so the change is kept, with the UDP rcvbuf drops of the namespace as
@@ -163,7 +165,7 @@ def test_rmem_default_growth_that_leaves_no_drops_is_kept(tmp_path, sysctls, hos
     sysctls.set(RMEM_DEFAULT, str(SQUEEZED))
     sysctls.set(RMEM_MAX, str(SQUEEZED))
     with daemon(tmp_path, env=VERIFY_WINDOWS) as d, batch_receiver(hosts.ns, hosts.ns_addr), \
-            paced_udp((hosts.ns_addr, PORT), 500):
+            paced_udp((hosts.ns_addr, PORT), 200):
         time.sleep(BEFORE_WINDOW_SECONDS)
         drops = udp_counters(hosts.ns)["RcvbufErrors"]
         burst(None, hosts.ns_addr)
