@@ -5,10 +5,11 @@
  *  - ESTABLISHED: ask for STATE and RETRANS callbacks. For a host seen at least KNOWN_AFTER
  *    times, pick the algorithm with the lowest learned cost, or with probability 1/EPSILON
  *    one at random (epsilon-greedy), and set it with bpf_setsockopt(TCP_CONGESTION).
- *  - RETRANS: once retransmissions exceed 1/64 of the segments sent, switch to BBR (and,
- *    for a connection the learner did not choose for, thin linear timeouts where the
- *    sysctl has them off) and stop listening for retransmissions; tell userspace, at most
- *    once a second per host and LOSS_REPORTS_PER_SEC in all.
+ *  - RETRANS: once retransmissions exceed 1/64 of the segments sent, by a connection that
+ *    has sent data, switch to BBR (and, for a connection the learner did not choose for,
+ *    thin linear timeouts where the sysctl has them off) and stop listening for
+ *    retransmissions; tell userspace, at most once a second per host and
+ *    LOSS_REPORTS_PER_SEC in all.
  *  - STATE to FIN_WAIT1 or CLOSE_WAIT, for a known host: score the connection's algorithm
  *    (read back from the socket): the cost is how far its min RTT is above the host's best
  *    and its delivery rate below the host's best (parts per million each), folded into the
@@ -300,6 +301,11 @@ static __always_inline void retransmitted(struct bpf_sock_ops *ops, struct bpf_s
 	s32 was;
 
 	if (ALG_BBR < 0 || ops->total_retrans <= ops->segs_out >> 6)
+		return;
+	/* A connection that has sent no data retransmitted its SYN-ACK or FIN: a receiver,
+	 * with nothing for congestion control to pace, whose switch would be judged by its
+	 * ACKs' delivery rate. Upstream switches it too. Undecided until it sends data. */
+	if (ops->data_segs_out == 0)
 		return;
 	set_flags(ops, 0, BPF_SOCK_OPS_RETRANS_CB_FLAG);	/* decided, once */
 	was = current_algorithm(bsk);

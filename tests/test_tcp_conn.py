@@ -196,6 +196,36 @@ def test_lossy_connections_switch_to_bbr(tmp_path, lossy):
     assert re.search(r"# Summary: tcp_conn_tuner: +bbr +[1-9]", d.log)
 
 
+def total_retrans(s: socket.socket) -> int:
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[100:104], "little")  # struct tcp_info's tcpi_total_retrans
+
+
+def test_a_connection_that_has_sent_no_data_is_not_switched(tmp_path, cubic_ns):
+    """A receiver's retransmissions are of its FIN (or SYN-ACK): it has no data for a
+    congestion controller to pace, so it keeps its algorithm (upstream switches it)."""
+    hosts = cubic_ns
+    server = socket.create_server((hosts.global_addr, PORT))
+    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")  # accepted inherit
+    try:
+        with daemon(tmp_path) as d:
+            client = in_netns(hosts.ns, lambda: socket.create_connection(
+                (hosts.global_addr, PORT)))
+            conn, _ = server.accept()
+            with client, conn:
+                drop(hosts, "drop")  # the client's ACKs of the receiver's FIN
+                conn.shutdown(socket.SHUT_WR)
+                assert wait_until(lambda: total_retrans(conn) >= 3, timeout=10)
+                time.sleep(1)
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16) \
+                    .rstrip(b"\0") == b"reno"
+                drop(hosts)
+    finally:
+        drop(hosts)
+        server.close()
+    assert "due to loss events" not in d.log
+
+
 # Verified switches: short windows, and connections to the sink one after another.
 EVIDENCE = (r"delivery rate MB/s ([\d.]+)±[\d.]+ -> ([\d.]+)(?: \(limit [\d.]+\))?, "
             r"min RTT us ([\d.]+)±[\d.]+ -> ([\d.]+)(?: \(limit [\d.]+\))?")
