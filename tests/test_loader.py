@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from bpftune import bpf
-from bpftune.bpf import BpfError, CompileRequest, Module, Programs, mounted_fstype
+from bpftune.bpf import BpfError, CompileRequest, Module, Programs
 from bpftune.btf import Btf
 from bpftune.learning import LearningRate
+from bpftune.mounts import mounted_fstype
 from helpers import daemon
 
 COMPILERS = ("libbcc", "LLVM", "libclang", "libclang-cpp")

@@ -10,7 +10,6 @@ creates, which it polls.
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import json
 import os
 import select
@@ -33,6 +32,7 @@ from bpftune.hooks import SAMPLE_EVERY, SAMPLE_SLOTS
 from bpftune.learning import LearningRate
 from bpftune.libbpf import BpfError
 from bpftune.log import log
+from bpftune.mounts import mount, mounted_fstype, umount
 from bpftune.netns import current_cookie
 from bpftune.paths import RUN_DIR, data_dir
 
@@ -364,31 +364,10 @@ class Programs:
         self.shared = {}
 
 
-def _libc_mount(source: str, target: str, fstype: str) -> None:
-    libc = ct.CDLL(None, use_errno=True)
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"cannot mount {fstype} at {target}: {os.strerror(err)}")
-
-
-def _libc_umount(target: str) -> None:
-    libc = ct.CDLL(None, use_errno=True)
-    libc.umount(target.encode())
-
-
-def mounted_fstype(path: str) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == path:
-                return fields[fields.index("-") + 1]
-    return None
-
-
 def ensure_tracefs(path: str = "/sys/kernel/tracing") -> None:
     """Tracepoints need tracefs; a fresh machine may not have it mounted."""
     if not os.path.isdir(os.path.join(path, "events")):
-        _libc_mount("none", path, "tracefs")
+        mount("none", path, "tracefs")
 
 
 class Cgroup:
@@ -401,7 +380,7 @@ class Cgroup:
         # run directory.
         self.owned = self.path.startswith(RUN_DIR + "/")
         if mounted_fstype(self.path) != "cgroup2":
-            _libc_mount("none", self.path, "cgroup2")
+            mount("none", self.path, "cgroup2")
             self.owned = True
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -425,6 +404,7 @@ class Cgroup:
     def close(self) -> None:
         os.close(self.fd)
         if self.owned:
-            _libc_umount(self.path)
+            with contextlib.suppress(OSError):
+                umount(self.path)
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)

@@ -23,35 +23,25 @@ import os
 import socket
 import sys
 
-CLONE_NEWNS = 0x00020000
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+from bpftune.mounts import MS_BIND, mount, umount, unshare_mounts
+
 SCM_MAX_FD = 253  # the kernel's limit of fds in one message
 KALLSYMS = "/proc/kallsyms"
 #: The kernel symbols BCC's compile looks up (b_frontend_action.cc: whether the kernel has
 #: bpf_probe_read_kernel and _user; where not, BCC turns calls to them into bpf_probe_read).
 BCC_LOOKS_UP = b"bpf_probe_read"
 
-_libc = ct.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
 
 def private_mounts(pin_dir: str) -> None:
     """This process's own mount namespace: a bpffs at ``pin_dir`` only it sees (pins vanish
     with the child, and nothing is ever left in the host's /sys/fs/bpf, even after a kill
     -9), and a small /proc/kallsyms (small_kallsyms)."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare")
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    unshare_mounts()
     try:
         small_kallsyms(pin_dir)
     except OSError as e:  # a speed-up only: BCC reads the whole file then
         print(f"/proc/kallsyms left whole: {e}", file=sys.stderr)
-    _check(_libc.mount(b"bpf", pin_dir.encode(), b"bpf", 0, None),
-           f"mount bpffs at {pin_dir}")
+    mount("bpf", pin_dir, "bpf")
 
 
 def small_kallsyms(scratch: str) -> None:
@@ -64,16 +54,14 @@ def small_kallsyms(scratch: str) -> None:
     with open(KALLSYMS, "rb") as f:
         lines = [line for line in f if BCC_LOOKS_UP in line
                  and line.split()[2].startswith(BCC_LOOKS_UP)]
-    _check(_libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", 0, b"size=64k,mode=0700"),
-           f"mount tmpfs at {scratch}")
+    mount("tmpfs", scratch, "tmpfs", options="size=64k,mode=0700")
     try:
         path = os.path.join(scratch, "kallsyms")
         with open(path, "wb") as f:
             f.writelines(lines)
-        _check(_libc.mount(path.encode(), KALLSYMS.encode(), None, MS_BIND, None),
-               f"bind mount over {KALLSYMS}")
+        mount(path, KALLSYMS, None, MS_BIND)
     finally:
-        _check(_libc.umount2(scratch.encode(), 0), f"unmount {scratch}")
+        umount(scratch)
 
 
 class _Described:

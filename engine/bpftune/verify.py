@@ -347,7 +347,8 @@ class Sampler:
         self.history: dict[tuple[Scope, str], History] = {}
         self.recent: OrderedDict[int, None] = OrderedDict()  # warm namespaces, LRU
         self.recent_subjects: OrderedDict[tuple[int, str], None] = OrderedDict()  # the same
-        self.pinned: Counter[Scope] = Counter()  # scopes with open verifications
+        #: Scopes with open verifications, and how many (a scope with none is deleted).
+        self.pinned: Counter[Scope] = Counter()
         self.index = 0
 
     def _wanted(self, scope: Scope) -> list[Figure]:
@@ -371,7 +372,7 @@ class Sampler:
         recent.move_to_end(cookie)
         while len(recent) > cap:
             old, _ = recent.popitem(last=False)
-            if not self.pinned[old] and old not in self.scopes():
+            if old not in self.pinned and old not in self.scopes():
                 self._drop(old)
 
     def sampled(self, cookie: Scope) -> bool:
@@ -380,8 +381,7 @@ class Sampler:
     def scopes(self) -> list[Scope]:
         """Global, those being verified, those with recent tuner events, then other known
         namespaces (the newest first) up to MAX_SAMPLED besides global."""
-        pinned = [c for c, n in self.pinned.items() if n > 0]
-        scopes: dict[Scope, None] = dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent)])
+        scopes = dict.fromkeys([GLOBAL, *self.pinned, *reversed(self.recent)])
         for cookie in self.namespaces.newest(MAX_SAMPLED):
             if len(scopes) > MAX_SAMPLED:
                 break
@@ -417,8 +417,7 @@ class Sampler:
         """What a quiet tick reads: global, open verifications and subjects. The other
         namespaces' packet figures would not count, so they are not even listed (with
         many namespaces, listing them was most of an idle tick's extra cost)."""
-        pinned = [c for c, n in self.pinned.items() if n > 0]
-        return list(dict.fromkeys([GLOBAL, *pinned, *reversed(self.recent_subjects)]))
+        return list(dict.fromkeys([GLOBAL, *self.pinned, *reversed(self.recent_subjects)]))
 
     def sample(self, now: float) -> None:
         self.index += 1
@@ -429,10 +428,9 @@ class Sampler:
             scopes = self.scopes()
             for stale in set(self.rings) - set(scopes):
                 self._drop(stale)
-        pinned = {c for c, n in self.pinned.items() if n > 0}
         for cookie in scopes:
             only = None
-            if quiet and cookie not in pinned and not isinstance(cookie, tuple):
+            if quiet and cookie not in self.pinned and not isinstance(cookie, tuple):
                 only = UNPACKETED  # global: what is not packets still counts
             try:
                 counters = self._read(cookie, only)
