@@ -5,6 +5,9 @@
  *  - ESTABLISHED: ask for STATE and RETRANS callbacks. For a host seen at least KNOWN_AFTER
  *    times, pick the algorithm with the lowest learned cost, or with probability 1/EPSILON
  *    one at random (epsilon-greedy), and set it with bpf_setsockopt(TCP_CONGESTION).
+ *    Loopback connections are left alone: there is no path to learn (no queue, no loss),
+ *    and they are many on some hosts (sidecars, local databases). Upstream learns them
+ *    as one more host.
  *  - RETRANS: once retransmissions exceed 1/64 of the segments sent, by a connection that
  *    has sent data, switch to BBR (and, for a connection the learner did not choose for,
  *    thin linear timeouts where the sysctl has them off) and stop listening for
@@ -119,21 +122,38 @@ static __always_inline bool v4_mapped(const u32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
 }
 
-/* The peer's address, IPv4 as IPv4-mapped IPv6. Every field is read whatever the family:
- * the verifier refuses a context access the compiler folded into one computed offset,
- * which volatile reads prevent. */
+/* The connection's remote or local address (side: remote, local), IPv4 as IPv4-mapped
+ * IPv6. Every field is read whatever the family: the verifier refuses a context access
+ * the compiler folded into one computed offset, which volatile reads prevent. */
 #define CTX_READ(field) (*(volatile typeof(field) *)&(field))
+#define ADDRESS(ops, side, addr)							\
+	do {										\
+		u32 family = CTX_READ((ops)->family), ip4 = CTX_READ((ops)->side##_ip4);\
+		u32 a0 = CTX_READ((ops)->side##_ip6[0]);				\
+		u32 a1 = CTX_READ((ops)->side##_ip6[1]);				\
+		u32 a2 = CTX_READ((ops)->side##_ip6[2]);				\
+		u32 a3 = CTX_READ((ops)->side##_ip6[3]);				\
+											\
+		(addr)[0] = family == AF_INET ? 0 : a0;					\
+		(addr)[1] = family == AF_INET ? 0 : a1;					\
+		(addr)[2] = family == AF_INET ? bpf_htonl(0xffff) : a2;			\
+		(addr)[3] = family == AF_INET ? ip4 : a3;				\
+	} while (0)
 
-static __always_inline void peer_address(struct bpf_sock_ops *ops, u32 *addr)
+/* Over loopback: to 127/8 or ::1, or to one of the host's own addresses (then the
+ * connection's local address too). */
+static __always_inline bool over_loopback(struct bpf_sock_ops *ops)
 {
-	u32 family = CTX_READ(ops->family), ip4 = CTX_READ(ops->remote_ip4);
-	u32 a0 = CTX_READ(ops->remote_ip6[0]), a1 = CTX_READ(ops->remote_ip6[1]);
-	u32 a2 = CTX_READ(ops->remote_ip6[2]), a3 = CTX_READ(ops->remote_ip6[3]);
+	u32 peer[4], local[4];
 
-	addr[0] = family == AF_INET ? 0 : a0;
-	addr[1] = family == AF_INET ? 0 : a1;
-	addr[2] = family == AF_INET ? bpf_htonl(0xffff) : a2;
-	addr[3] = family == AF_INET ? ip4 : a3;
+	ADDRESS(ops, remote, peer);
+	if (v4_mapped(peer) && (bpf_ntohl(peer[3]) >> 24) == 127)
+		return true;
+	if (!peer[0] && !peer[1] && !peer[2] && peer[3] == bpf_htonl(1))
+		return true;
+	ADDRESS(ops, local, local);
+	return peer[0] == local[0] && peer[1] == local[1] && peer[2] == local[2] &&
+	       peer[3] == local[3];
 }
 
 /* The host a connection's learning belongs to: its route's gateway, or the peer. */
@@ -146,7 +166,7 @@ static __always_inline bool host_of(struct bpf_sock_ops *ops, void *sk, struct h
 	if (!sk)
 		return false;
 	key->netns_cookie = net_cookie(sk_net(sk));
-	peer_address(ops, key->addr);
+	ADDRESS(ops, remote, key->addr);
 	READ_AT(dst, sk, OFF_SK_DST_CACHE);
 	if (!dst)
 		return true;
@@ -246,7 +266,8 @@ static __always_inline void established(struct bpf_sock_ops *ops, struct bpf_soc
 	void *sk = kernel_sock(bsk);
 	int zero = 0;
 
-	if (!host_of(ops, sk, &key) || manual_netns.lookup(&key.netns_cookie))
+	if (over_loopback(ops) || !host_of(ops, sk, &key) ||
+	    manual_netns.lookup(&key.netns_cookie))
 		return;
 	set_flags(ops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG, 0);
 	host = hosts.lookup(&key);
@@ -281,7 +302,7 @@ static __always_inline void report_loss(struct bpf_sock_ops *ops, struct host_ke
 	    over_budget(loss_budget.lookup(&zero), LOSS_REPORTS_PER_SEC))
 		return;
 	host->last_loss_report = now;
-	peer_address(ops, report.addr);
+	ADDRESS(ops, remote, report.addr);
 	__builtin_memcpy(report.host, key->addr, sizeof(report.host));
 	report.family = ops->family;
 	report.from_alg = from_alg;

@@ -5,11 +5,12 @@ Everything per connection happens in bpf/tcp_conn.bpf.c, a sockops program: it p
 algorithm for each new connection by epsilon-greedy learning over the algorithms this kernel
 offers (the cost: how far a connection's min RTT is above its host's best and its delivery
 rate below its host's best), and switches a connection whose retransmissions exceed 1/64 of
-its segments to BBR (Upstream: also a connection that has sent no data, a receiver). This
-module names the algorithms, logs the loss switches (coalesced per host), counts, summarizes
-and publishes what the program learned. The system default
-``net.ipv4.tcp_congestion_control`` is never changed; an administrator's write to it (or to
-the allowed list, or to tcp_thin_linear_timeouts) hands the tuner over.
+its segments to BBR (Upstream: also a connection that has sent no data, a receiver).
+Loopback connections are left alone (Upstream: learned as one more host). This module
+names the algorithms, logs the loss switches (coalesced per host), counts, summarizes and
+publishes what the program learned. The system default ``net.ipv4.tcp_congestion_control``
+is never changed; an administrator's write to it (or to the allowed list, or to
+tcp_thin_linear_timeouts) hands the tuner over.
 
 Upstream behaviour: reference section 5.2. We differ where marked "Upstream".
 """
