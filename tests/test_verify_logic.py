@@ -14,6 +14,7 @@ from bpftune.verify import (
     ARP_REFUSALS,
     GLOBAL,
     MAX_SAMPLED,
+    NEWEST_SAMPLED,
     RETRANS,
     Figure,
     History,
@@ -420,8 +421,8 @@ def test_no_verifier_in_advice_mode(tmp_path):
 
 
 def test_sampled_scopes_are_global_and_the_newest_namespaces_up_to_the_cap():
-    """However many namespaces exist, each tick looks at MAX_SAMPLED of them besides global,
-    the last found first; Namespaces.newest hands over only those."""
+    """However many namespaces exist, each tick looks at NEWEST_SAMPLED of them besides
+    global, the last found first; Namespaces.newest hands over only those."""
     namespaces = Namespaces()
     try:
         found = [namespaces.global_cookie, *range(1000, 1000 + 3 * MAX_SAMPLED)]
@@ -429,6 +430,6 @@ def test_sampled_scopes_are_global_and_the_newest_namespaces_up_to_the_cap():
             namespaces._by_cookie[cookie] = None
         assert namespaces.newest(3) == found[:-4:-1]
         sampler = Sampler(namespaces, [RETRANS], W, readers={}, packets=None)
-        assert sampler.scopes() == [GLOBAL, *found[:-MAX_SAMPLED - 1:-1]]
+        assert sampler.scopes() == [GLOBAL, *found[:-NEWEST_SAMPLED - 1:-1]]
     finally:
         namespaces.close()
