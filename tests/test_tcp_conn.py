@@ -109,7 +109,8 @@ class Sink:
 
     @staticmethod
     def _drain(conn: socket.socket) -> None:
-        with conn:
+        # a sender stopped mid-connection resets it (a Stream without pauses, at its end)
+        with conn, contextlib.suppress(ConnectionResetError):
             while conn.recv(1 << 16):
                 pass
 

@@ -332,9 +332,9 @@ class Sampler:
     """Cumulative counters per scope (the global namespace, namespaces being verified, up
     to MAX_SAMPLED others with recent tuner events or among the newest, and up to
     MAX_SUBJECTS subjects), a ring of them per scope, and each figure's long-run history
-    there. While the host is quiet
-    (``packets``, host-wide, grew by less than QUIET_PPS a second; None: never quiet) other
-    namespaces than open verifications' are not read, nor the global packet figures."""
+    there. While the host is quiet (``packets``, host-wide, grew by less than QUIET_PPS a
+    second; None: never quiet) other namespaces than open verifications' are not read,
+    nor the global packet figures."""
 
     def __init__(self, namespaces: Namespaces, figures: Iterable[Figure], windows: Windows,
                  readers: dict[str, Reader] | None = None,
