@@ -327,8 +327,8 @@ def idle_cpu(tmp: Path, hosts: Hosts, plan: Plan) -> list[Figure]:
             steady, _ = idle_window(d.proc.pid, plan.idle)
     return [Figure("idle.cpu", "daemon CPU per minute, idle", per_minute, "s", "< 0.1", 3,
                    f"over {plan.idle} s"),
-            Figure("idle.cpu_steady", "daemon CPU per minute, 1000 datagrams/s", steady, "s",
-                   digits=3, detail=f"over {plan.idle} s, into the test namespace")]
+            Figure("idle.cpu_steady", f"daemon CPU per minute, {STEADY_PPS} datagrams/s",
+                   steady, "s", digits=3, detail=f"over {plan.idle} s, into the test namespace")]
 
 
 # Reaction time and benefit over a path whose bandwidth-delay product exceeds the squeezed
