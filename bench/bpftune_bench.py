@@ -4,8 +4,9 @@ with many namespaces, PMDA fetch time; each figure beside its target (issue 13).
 
 Run as root from a checkout:  bench/run [--quick] [--compare | --against FILE] [SECTION...]
 (or .venv/bin/python bench/bpftune_bench.py with the same arguments, after
-scripts/setup.sh). Baseline and bpftune runs are alternated, several rounds each; ratios
-are of medians, spreads are (max - min) / median. Every run is recorded in bench/results/
+scripts/setup.sh). Baseline and bpftune runs are alternated, several rounds each, which goes
+first turned each round; a ratio is the median of the rounds' ratios, spreads are
+(max - min) / median. Every run is recorded in bench/results/
 (record.py); --compare prints each figure beside the latest committed record.
 Everything runs between network namespaces this script creates; sysctls are restored and
 namespaces removed at the end, also when the run is interrupted (SIGINT, SIGTERM).
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,6 +64,7 @@ SQUEEZED = {RMEM: "4096 131072 131072", WMEM: "4096 16384 16384"}
 BEST = {RMEM: "4096 131072 16777216", WMEM: "4096 16384 16777216"}
 SCENARIO = re.compile(r"Scenario '([^']+)' occurred for tunable '([^']+)'")
 SCALE_PREFIX, CHURN_PREFIX = "bpftune-bench-scale-", "bpftune-bench-react-"
+T = TypeVar("T")
 SETTLE = 5  # seconds for the daemon to take in what changed (start, new namespaces)
 
 
@@ -166,12 +169,23 @@ def bpf_objects() -> tuple[dict, dict]:
 
 def ratio_figure(key: str, label: str, with_: list[float], without: list[float],
                  unit: str) -> Figure:
-    """A workload's median with the daemon over its median without, from alternated
-    rounds."""
-    new, base = statistics.median(with_), statistics.median(without)
-    return Figure(key, label, new / base, target=">= 0.99", digits=3,
-                  detail=f"{new:.0f} vs {base:.0f} {unit}, spread {spread(with_):.0f}%/"
-                         f"{spread(without):.0f}%, {len(with_)} rounds")
+    """The median of each round's ratio, with the daemon over without. The host's speed
+    drifts over minutes (a run of stress-ng resembles the one before it: correlation 0.55
+    between neighbours here), so a round's two runs, side by side, are compared with each
+    other rather than all runs with all. Each side's median and spread are in the detail."""
+    ratios = [w / b for w, b in zip(with_, without, strict=True)]
+    return Figure(key, label, statistics.median(ratios), target=">= 0.99", digits=3,
+                  detail=f"rounds' ratios spread {spread(ratios):.0f}%; "
+                         f"{statistics.median(with_):.0f} vs {statistics.median(without):.0f}"
+                         f" {unit}, spread {spread(with_):.0f}%/{spread(without):.0f}%, "
+                         f"{len(with_)} rounds")
+
+
+def in_turn(arms: list[T], round_: int) -> list[T]:
+    """The order of a round's runs: rotated each round, so that no arm always runs first
+    or right after starting a daemon (with two arms: ABBA)."""
+    shift = round_ % len(arms)
+    return arms[shift:] + arms[:shift]
 
 
 def bpf_run_ns(others: set[int]) -> int:
@@ -184,13 +198,21 @@ def bpf_run_ns(others: set[int]) -> int:
 def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     set_sysctls(sysctls, ROOMY, [None, hosts.ns])
     set_sysctls(sysctls, ROOMY_GLOBAL, [None])
-    results: dict[str, list[float]] = {k: [] for k in ("iperf0", "iperf1", "sock0", "sock1")}
+    results: dict[str, list[float]] = {
+        k: [] for k in ("iperf0", "iperf1", "iperf0again", "sock0", "sock1", "sock0again")}
     cpu_per_gb, bpf_per_gb, bpf_share, bpf_busy_share = [], [], [], []
     changed: set[str] = set()
     cpus = os.cpu_count() or 1
-    for i in range(plan.rounds):
-        results["iperf0"].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
-        results["sock0"].append(stress_sock(plan.seconds))
+
+    def without(_round: int, again: str = "") -> None:
+        results[f"iperf0{again}"].append(
+            mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
+        results[f"sock0{again}"].append(stress_sock(plan.seconds))
+
+    def without_again(i: int) -> None:
+        without(i, "again")
+
+    def with_daemon(i: int) -> None:
         others = set(bpf_objects()[0])
         with daemon(tmp / f"overhead{i}") as d:
             sysctls.set("kernel.bpf_stats_enabled", "1")  # run times: only while measured
@@ -208,11 +230,24 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figu
             bpf_share.append((bpf_run_ns(others) - ns) / (plan.seconds * cpus * 1e9) * 100)
             sysctls.set("kernel.bpf_stats_enabled", "0")
             changed.update(SCENARIO.findall(d.log))
+
+    for i in range(plan.rounds):
+        for arm in in_turn([without, with_daemon, without_again], i):
+            arm(i)
+    # The same workload twice, no daemon: how far from 1 the host's noise alone puts a
+    # ratio in this run.
+    noise = [ratio_figure(f"overhead.noise_{key}", f"no daemon, a second run: {label}",
+                          results[f"{key}0again"], results[f"{key}0"], unit)
+             for key, label, unit in (("iperf", "iperf3", "Mbit/s"),
+                                      ("sock", "stress-ng --sock 2", "bogo-ops/s"))]
+    for figure in noise:
+        figure.target = ""
     return [
         ratio_figure("overhead.iperf3", "overhead: iperf3 over veth, with / without",
                      results["iperf1"], results["iperf0"], "Mbit/s"),
         ratio_figure("overhead.sock", "overhead: stress-ng --sock 2, with / without",
                      results["sock1"], results["sock0"], "bogo-ops/s"),
+        *noise,
         Figure("overhead.cpu_per_gb", "daemon CPU per GB moved (iperf3)",
                statistics.median(cpu_per_gb) * 1000, "ms"),
         # What the programs themselves cost, without the VM's throughput noise (entering
@@ -248,10 +283,9 @@ def plans(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]
     sock: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
     iperf3: dict[str, list[float]] = {"": [], **{name: [] for name in PLANS}}
     for i in range(plan.rounds):
-        sock[""].append(stress_sock(plan.seconds))
-        iperf3[""].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
-        for name, (_, env) in PLANS.items():
-            with daemon(tmp / f"plan{i}-{name}", "-a", "tcp_buffer", env=env):
+        for name in in_turn(["", *PLANS], i):
+            with (daemon(tmp / f"plan{i}-{name}", "-a", "tcp_buffer", env=PLANS[name][1])
+                  if name else contextlib.nullcontext()):
                 sock[name].append(stress_sock(plan.seconds))
                 iperf3[name].append(mbits(iperf(hosts.ns, None, hosts.ns_addr,
                                                  plan.seconds)))
@@ -277,6 +311,7 @@ EMPTY_PROGRAMS = {
     "tcp_rcv_space_adjust": "RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) { return 0; }",
 }
 UNUSED_HOOKS = ("sock_send_length", "tcp_rcv_space_adjust")
+NO_PROGRAM, NO_PROGRAM_AGAIN = "", "again"
 
 
 def hooks(tmp: Path, plan: Plan) -> list[Figure]:
@@ -287,27 +322,35 @@ def hooks(tmp: Path, plan: Plan) -> list[Figure]:
 
     programs = Programs(Btf.load(), LearningRate(), lambda _event: None)
     cgroup = Cgroup(str(tmp / "cgroup"))
-    runs: dict[str, list[float]] = {"": [], **{hook: [] for hook in EMPTY_PROGRAMS}}
+    arms = [NO_PROGRAM, *EMPTY_PROGRAMS, NO_PROGRAM_AGAIN]
+    runs: dict[str, list[float]] = {arm: [] for arm in arms}
     try:
-        for _ in range(plan.rounds):
-            runs[""].append(stress_sock(plan.seconds))
-            for hook, text in EMPTY_PROGRAMS.items():
-                sock_ops = {"empty": "sock_ops"} if hook == "sock_ops" else None
-                module = programs.compile(tmp / f"{hook}.bpf.c", 0, {}, text=text,
-                                          cgroup=sock_ops)
+        for i in range(plan.rounds):
+            for arm in in_turn(arms, i):
+                if arm not in EMPTY_PROGRAMS:
+                    runs[arm].append(stress_sock(plan.seconds))
+                    continue
+                sock_ops = {"empty": "sock_ops"} if arm == "sock_ops" else None
+                module = programs.compile(tmp / f"{arm}.bpf.c", 0, {},
+                                          text=EMPTY_PROGRAMS[arm], cgroup=sock_ops)
                 try:
                     if sock_ops:
                         cgroup.attach(module, "empty", "sock_ops")
-                    runs[hook].append(stress_sock(plan.seconds))
+                    runs[arm].append(stress_sock(plan.seconds))
                 finally:
                     module.close()
     finally:
         cgroup.close()
         programs.close()
     figures = [ratio_figure(f"hooks.{hook}", f"empty program on {hook}: stress-ng --sock",
-                            runs[hook], runs[""], "bogo-ops/s") for hook in EMPTY_PROGRAMS]
+                            runs[hook], runs[NO_PROGRAM], "bogo-ops/s")
+               for hook in EMPTY_PROGRAMS]
+    # The same workload twice, nothing loaded: how far from 1 this host's noise alone puts
+    # a ratio in this run.
+    figures.append(ratio_figure("hooks.noise", "no program, a second run: stress-ng --sock",
+                                runs[NO_PROGRAM_AGAIN], runs[NO_PROGRAM], "bogo-ops/s"))
     for figure in figures:
-        if figure.key.removeprefix("hooks.") in UNUSED_HOOKS:
+        if figure.key.removeprefix("hooks.") in (*UNUSED_HOOKS, "noise"):
             figure.target = ""
     return figures
 
