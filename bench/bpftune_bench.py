@@ -80,9 +80,9 @@ class Plan:
     namespaces: int = 1000
     window: int = 30  # scale: idle window with and without the namespaces, each round
     scale_rounds: int = 2  # scale: none, then the namespaces, alternated
-    # scale: new namespaces whose reaction is timed, each round (about 20 ms each). With
-    # 10, the CPU-per-namespace ratio ranged 0.94-1.27 over runs; with 30 in a trial, the
-    # two sides of one round were 2.4 and 4.4 ms; with 50, 1.02 and 1.06.
+    # scale: new namespaces whose reaction is timed, each round (about 20 ms each; 10
+    # until 2026-12-03). The CPU-per-namespace ratio still follows the host's speed: one
+    # run's rounds gave 1.558 and 0.803 (bench/README).
     churns: int = 50
     sampler_ticks: int = 10  # scale: busy ticks of the verifier's sampler timed
     pmda_rounds: int = 40
