@@ -39,6 +39,15 @@ def ns_prefix(ns: str | None) -> list[str]:
     return ["ip", "netns", "exec", ns] if ns else []
 
 
+def of_a_sysctl_this_kernel_lacks(metric: str) -> bool:
+    """Whether a metric (or a query of one) is of a tunable whose sysctl this kernel does
+    not have: an optional one, such as net.core.flow_limit_cpu_bitmap on a kernel built
+    without CONFIG_NET_FLOW_LIMIT. Its metrics are served with no values."""
+    name = metric.split("{")[0].removeprefix("bpftune.")
+    m = re.search(r"(?:^|\.)((?:net|vm|kernel|fs)\.[\w.]+)$", name)
+    return m is not None and not os.path.exists("/proc/sys/" + m.group(1).replace(".", "/"))
+
+
 def read_sysctl(name: str, ns: str | None = None) -> str:
     path = "/proc/sys/" + name.replace(".", "/")
     if ns is None:

@@ -138,7 +138,10 @@ class NetBufferTuner(Tuner):
     MAX_BACKLOG = Tunable("net.core.netdev_max_backlog", ceiling=_backlog_ceiling,
                           figures=(BACKLOG_DROPS,))
     # A hex cpumask; BPF sees the first 63 CPUs' bits as a number.
+    # Optional: kernels built without CONFIG_NET_FLOW_LIMIT have no such sysctl (a 6.18 VM
+    # kernel here); the backlog is then still tuned.
     FLOW_LIMIT_CPU_BITMAP = Tunable("net.core.flow_limit_cpu_bitmap", string=True,
+                                    optional=True,
                                     ceiling=_all_cpus,
                                     as_number=lambda t: parse_cpumask(t) & ((1 << 63) - 1),
                                     figures=(BACKLOG_DROPS,))
@@ -191,6 +194,10 @@ class NetBufferTuner(Tuner):
 
     def init(self) -> None:
         log.debug(f"{self.name}: task wait share from {procnet.cpu_wait_source()}")
+        if not self._has_flow_limits():
+            log.notice(f"{self.name}: this kernel has no {self.FLOW_LIMIT_CPU_BITMAP.name} "
+                       "(built without CONFIG_NET_FLOW_LIMIT): backlog drops grow the "
+                       "backlog, and no CPU is given flow limits")
         self._enable_high_order_allocs()
         self.tick(time.monotonic())  # baselines, so the first tick can act
 
@@ -225,9 +232,19 @@ class NetBufferTuner(Tuner):
         elif tunable == self.FLOW_LIMIT_CPU_BITMAP:
             self._limit_flows(int(event.metric[0]))
 
+    def _has_flow_limits(self) -> bool:
+        try:
+            self.value(self.FLOW_LIMIT_CPU_BITMAP)
+        except SysctlError:
+            return False
+        return True
+
     def _limit_flows(self, cpu: int) -> None:
         tunable = self.FLOW_LIMIT_CPU_BITMAP
-        old = self.value(tunable)
+        try:
+            old = self.value(tunable)
+        except SysctlError:
+            return  # no flow limits in this kernel (said at start)
         mask = parse_cpumask(old)
         if mask & (1 << cpu):
             return
