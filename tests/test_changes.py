@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 from bpftune import sysctl
-from bpftune.changes import Record, StateFile, boot_id
+from bpftune.changes import Changes, Record, StateFile, boot_id
 from bpftune.log import log
 from bpftune.tuners.tcp_buffer import TcpBufferTuner, _socket_buffer_ceiling
 from helpers import read_sysctl, recorded, values, write_sysctl
@@ -170,3 +171,26 @@ def test_a_write_whose_read_back_failed_is_still_bpftunes(ns_changes, monkeypatc
     assert record.original == [4096, 131072, 131072]  # not bpftune's first value
     changes.rollback()
     assert read_sysctl(RMEM.name, ns) == "4096 131072 131072"
+
+
+def test_a_namespace_gone_is_forgotten_by_its_own_keys_and_its_counts_folded(tmp_path):
+    """Each destruction looks up the namespace's own records and counts (with 1000
+    namespaces, each counted once as created, walking all of them was a fifth of the
+    daemon's CPU per namespace churned)."""
+    namespaces = SimpleNamespace(is_global=lambda cookie: cookie == 0)
+    changes = Changes(namespaces, StateFile(str(tmp_path)))  # type: ignore[arg-type]
+    created = ("netns", "network_namespace", 0)
+    for cookie in range(1, 1001):
+        changes.scenario_counts[(*created, cookie)] += 1
+    changes.scenario_counts[("tcp_buffer", RMEM.name, 0, 5)] += 2
+    record = Record("tcp_buffer", RMEM.name, 5, [1, 2, 3], [1, 2, 4])
+    changes.records[record.key] = record
+    changes._journal(record)
+    assert len(recorded(tmp_path)) == 1
+    changes.forget_netns(5)
+    assert (RMEM.name, 5) not in changes.records and len(changes.scenario_counts) == 999
+    assert changes.departed_counts == {created: 1, ("tcp_buffer", RMEM.name, 0): 2}
+    assert 5 not in changes.records.keys_by_cookie
+    assert 5 not in changes.scenario_counts.keys_by_cookie
+    assert changes.scenario_counts.keys_of(6) == [(*created, 6)]
+    assert recorded(tmp_path) == []  # in the journal too

@@ -94,6 +94,9 @@ class FakeNamespaces:
     def newest(self, count):
         return []
 
+    def tracked(self, cookie):
+        return True
+
 
 class FakeChanges:
     """What the verifier asks of Changes: live values, revert, audit."""
@@ -431,5 +434,29 @@ def test_sampled_scopes_are_global_and_the_newest_namespaces_up_to_the_cap():
         assert namespaces.newest(3) == found[:-4:-1]
         sampler = Sampler(namespaces, [RETRANS], W, readers={}, packets=None)
         assert sampler.scopes() == [GLOBAL, *found[:-NEWEST_SAMPLED - 1:-1]]
+    finally:
+        namespaces.close()
+
+
+def test_a_destroyed_namespace_not_yet_forgotten_by_the_verifier_is_not_looked_for(
+        monkeypatch):
+    """The netns watch thread forgets a destroyed namespace (Namespaces.forget) before the
+    engine's lock lets the verifier forget it too. A tick in between skips it: looking for
+    it would walk every namespace (50 ms with 1000) and find nothing."""
+    namespaces = Namespaces()
+    try:
+        scans: list[float] = []
+        monkeypatch.setattr(namespaces, "_full_scan_allowed", lambda: True)
+        monkeypatch.setattr(namespaces, "scan", lambda: scans.append(1) or [])
+        sampler = Sampler(namespaces, [RETRANS], W, readers={"snmp": lambda keys: {}},
+                          packets=None)
+        cookie = namespaces.global_cookie + 1_000_000
+        sampler.warm(cookie)
+        namespaces._tracked.add(cookie)  # found once, its path gone: it is looked for
+        sampler.sample(1.0)
+        assert scans == [1] and cookie not in sampler.rings
+        namespaces.forget(cookie)  # destroyed
+        sampler.sample(2.0)
+        assert scans == [1] and cookie not in sampler.rings
     finally:
         namespaces.close()
