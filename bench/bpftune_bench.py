@@ -262,24 +262,24 @@ def stats_clock_ns(tmp: Path, hosts: Hosts, sysctls: Sysctls, seconds: int) -> f
 
 
 # Overhead on the workload, daemon CPU.
+WITHOUT, DAEMON, AGAIN = "without", "daemon", "again"
+
+
 def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figure]:
     set_sysctls(sysctls, ROOMY, [None, hosts.ns])
     set_sysctls(sysctls, ROOMY_GLOBAL, [None])
-    results: dict[str, list[float]] = {
-        k: [] for k in ("iperf0", "iperf1", "iperf0again", "sock0", "sock1", "sock0again")}
+    # Each arm's runs of each workload; AGAIN is the baseline run a second time.
+    runs: dict[str, dict[str, list[float]]] = {
+        arm: {"iperf": [], "sock": []} for arm in (WITHOUT, DAEMON, AGAIN)}
     cpu_per_gb, bpf_per_gb, bpf_share, bpf_busy_share = [], [], [], []
     counted_share, counted_busy_share = [], []
     changed: set[str] = set()
     cpus = os.cpu_count() or 1
     clock_ns = stats_clock_ns(tmp, hosts, sysctls, plan.seconds)
 
-    def without(_round: int, again: str = "") -> None:
-        results[f"iperf0{again}"].append(
-            mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
-        results[f"sock0{again}"].append(stress_sock(plan.seconds))
-
-    def without_again(i: int) -> None:
-        without(i, "again")
+    def without(arm: str) -> None:
+        runs[arm]["iperf"].append(mbits(iperf(hosts.ns, None, hosts.ns_addr, plan.seconds)))
+        runs[arm]["sock"].append(stress_sock(plan.seconds))
 
     def with_daemon(i: int) -> None:
         others = set(bpf_objects()[0])
@@ -295,9 +295,9 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figu
             counted_busy_share.append(counted / busy * 100)
             cpu_per_gb.append((cpu_seconds(d.proc.pid) - before) / gb)
             bpf_per_gb.append(work * 1000 / gb)
-            results["iperf1"].append(mbits(end))
+            runs[DAEMON]["iperf"].append(mbits(end))
             run = BpfRun.now(others)
-            results["sock1"].append(stress_sock(plan.seconds))
+            runs[DAEMON]["sock"].append(stress_sock(plan.seconds))
             counted, work = BpfRun.now(others).since(run, clock_ns)
             bpf_share.append(work / (plan.seconds * cpus) * 100)
             counted_share.append(counted / (plan.seconds * cpus) * 100)
@@ -305,21 +305,24 @@ def overhead(tmp: Path, hosts: Hosts, sysctls: Sysctls, plan: Plan) -> list[Figu
             changed.update(SCENARIO.findall(d.log))
 
     for i in range(plan.rounds):
-        for arm in in_turn([without, with_daemon, without_again], i):
-            arm(i)
+        for arm in in_turn([WITHOUT, DAEMON, AGAIN], i):
+            if arm == DAEMON:
+                with_daemon(i)
+            else:
+                without(arm)
     # The same workload twice, no daemon: how far from 1 the host's noise alone puts a
     # ratio in this run.
     noise = [ratio_figure(f"overhead.noise_{key}", f"no daemon, a second run: {label}",
-                          results[f"{key}0again"], results[f"{key}0"], unit)
+                          runs[AGAIN][key], runs[WITHOUT][key], unit)
              for key, label, unit in (("iperf", "iperf3", "Mbit/s"),
                                       ("sock", "stress-ng --sock 2", "bogo-ops/s"))]
     for figure in noise:
         figure.target = ""
     return [
         ratio_figure("overhead.iperf3", "overhead: iperf3 over veth, with / without",
-                     results["iperf1"], results["iperf0"], "Mbit/s"),
+                     runs[DAEMON]["iperf"], runs[WITHOUT]["iperf"], "Mbit/s"),
         ratio_figure("overhead.sock", "overhead: stress-ng --sock 2, with / without",
-                     results["sock1"], results["sock0"], "bogo-ops/s"),
+                     runs[DAEMON]["sock"], runs[WITHOUT]["sock"], "bogo-ops/s"),
         *noise,
         Figure("overhead.cpu_per_gb", "daemon CPU per GB moved (iperf3)",
                statistics.median(cpu_per_gb) * 1000, "ms"),

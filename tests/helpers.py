@@ -19,6 +19,9 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pyroute2_netns
 
+from bpftune.metrics import tunable_metrics
+from bpftune.plugins import builtin_tuners
+
 REPO = Path(__file__).resolve().parents[1]
 #: The built-in tuners that load on this kernel, as the daemon's start line lists them
 #: (route_table is not needed on it: see tests/test_route_table.py).
@@ -39,13 +42,13 @@ def ns_prefix(ns: str | None) -> list[str]:
     return ["ip", "netns", "exec", ns] if ns else []
 
 
-def of_a_sysctl_this_kernel_lacks(metric: str) -> bool:
-    """Whether a metric (or a query of one) is of a tunable whose sysctl this kernel does
-    not have: an optional one, such as net.core.flow_limit_cpu_bitmap on a kernel built
-    without CONFIG_NET_FLOW_LIMIT. Its metrics are served with no values."""
-    name = metric.split("{")[0].removeprefix("bpftune.")
-    m = re.search(r"(?:^|\.)((?:net|vm|kernel|fs)\.[\w.]+)$", name)
-    return m is not None and not os.path.exists("/proc/sys/" + m.group(1).replace(".", "/"))
+def metrics_this_kernel_lacks() -> set[str]:
+    """The metrics of the optional tunables this kernel does not have, such as
+    net.core.flow_limit_cpu_bitmap on a kernel built without CONFIG_NET_FLOW_LIMIT: the
+    PMDA serves them with no values."""
+    return {metric for cls in builtin_tuners() for t in cls.tunables
+            if t.optional and t.sysctl and not t.here()
+            for metric in tunable_metrics(cls.name, t.name).values()}
 
 
 def read_sysctl(name: str, ns: str | None = None) -> str:

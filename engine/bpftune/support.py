@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from bpftune import libbpf, netns
@@ -221,14 +222,15 @@ def assess(s: Support, tuners: list[type[Tuner]]) -> Assessment:
 
 
 def tuner_line(name: str, outcome: Plan | PlanError | NotNeeded,
-               without_fentry: Plan | PlanError | None = None) -> str:
+               without_fentry: Plan | PlanError | None = None,
+               absences: Sequence[str] = ()) -> str:
     if isinstance(outcome, Plan):
         line = f"{name}: {outcome.describe()}"
         if without_fentry is not None:  # another kernel's: it may refuse trampolines
             other = (without_fentry.describe() if isinstance(without_fentry, Plan)
                      else f"cannot load: {without_fentry}")
             line += f"; without fentry: {other}"
-        return line
+        return "; ".join([line, *absences])
     if isinstance(outcome, NotNeeded):
         return f"{name}: not needed: {outcome}"
     return f"{name}: cannot load: {outcome}"
@@ -263,7 +265,10 @@ def report(s: Support, tuners: list[type[Tuner]]) -> tuple[list[str], bool]:
         fallbacks = assess(replace(s, present=s.present - {"fentry"}),
                            [t for t in tuners if isinstance(outcomes[t.name], Plan)
                             and outcomes[t.name].uses_trampolines()])
-    lines += [tuner_line(name, outcome, fallbacks.get(name))
+    # Sysctls are read on this kernel only, not for another's BTF.
+    absences = {} if s.btf_file else {t.name: t.absences() for t in tuners
+                                      if isinstance(outcomes[t.name], Plan)}
+    lines += [tuner_line(name, outcome, fallbacks.get(name), absences.get(name, ()))
               for name, outcome in outcomes.items()]
     if s.btf_file:
         lines.append(f"(from the BTF in {s.btf_file}, nothing loaded; fentry hooks are "

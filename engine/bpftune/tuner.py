@@ -44,6 +44,8 @@ class TunerState(enum.Enum):
 
 
 Ceiling = Callable[[], tuple[int, ...]]
+#: Tunable.absent_when of the IPv6 sysctls.
+NO_IPV6 = "no IPv6: built without CONFIG_IPV6 or booted with ipv6.disable=1"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,22 @@ class Tunable:
     #: The key figures a change of it is verified with (bpftune.verify): watched in the
     #: namespace of the change for a window after it, and reverted if one clearly worsens.
     figures: tuple[Figure, ...] = ()
+    #: For an optional tunable: which kernels lack it, and what the tuner then leaves
+    #: undone; said on such a kernel with the tuner's hooks (bpftune -S, and at start).
+    absent_when: str = ""
+    absent_means: str = ""
+
+    def here(self) -> bool:
+        """Whether this kernel has it (in the caller's namespace)."""
+        try:
+            self.access.read(self.name, self.string)
+        except SysctlError:
+            return False
+        return True
+
+    def absence(self) -> str:
+        """What a kernel without it (an optional tunable) leaves undone."""
+        return f"this kernel has no {self.name} ({self.absent_when}): {self.absent_means}"
 
     def position_names(self) -> tuple[str, ...]:
         return self.positions or tuple(str(i) for i in range(self.values))
@@ -490,6 +508,11 @@ class Tuner:
         record = self.engine.changes.records.get(
             (tunable.name, self.engine.changes.ledger_cookie(tunable, cookie)))
         return record.tuner if record else None
+
+    @classmethod
+    def absences(cls) -> list[str]:
+        """What this kernel's lack of optional tunables leaves undone (bpftune -S)."""
+        return [t.absence() for t in cls.tunables if t.absent_means and not t.here()]
 
     def value(self, tunable: Tunable, cookie: int = 0) -> Value:
         """The live value of a tunable in the namespace ``cookie``."""

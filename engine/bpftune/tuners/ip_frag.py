@@ -27,7 +27,7 @@ from bpftune.log import log
 from bpftune.memory import total_ram_bytes
 from bpftune.procnet import snmp6_counters
 from bpftune.sysctl import SysctlError
-from bpftune.tuner import Scenario, Tunable, Tuner
+from bpftune.tuner import NO_IPV6, Scenario, Tunable, Tuner
 from bpftune.verify import REASM6_FAILS, REASM_FAILS
 
 if TYPE_CHECKING:
@@ -97,7 +97,8 @@ class IpFragTuner(Tuner):
                           unit="bytes",
                           figures=(REASM_FAILS,))
     HIGH_THRESH6 = Tunable("net.ipv6.ip6frag_high_thresh", namespaced=True, optional=True,
-                           ceiling=_ceiling, unit="bytes",
+                           ceiling=_ceiling, unit="bytes", absent_when=NO_IPV6,
+                           absent_means="only IPv4 reassembly memory is tuned",
                            figures=(REASM6_FAILS,))
     NEED_INCREASE = Scenario("need to increase IP fragmentation high threshold",
                              "this allows additional memory to be used to accommodate more "

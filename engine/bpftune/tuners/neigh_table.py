@@ -30,7 +30,7 @@ from bpftune.learning import LearningRate
 from bpftune.log import log
 from bpftune.memory import total_ram_bytes
 from bpftune.sysctl import INT_MAX, SysctlError
-from bpftune.tuner import Published, Scenario, Tunable, Tuner
+from bpftune.tuner import NO_IPV6, Published, Scenario, Tunable, Tuner
 from bpftune.verify import ARP_REFUSALS, NDISC_REFUSALS
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class NeighTableTuner(Tuner):
                   figures=(ARP_REFUSALS,))
     NDISC = Tunable("net.ipv6.neigh.default.gc_thresh", values=3, positions=POSITIONS,
                     optional=True, ceiling=_ceiling, access=NeighTable(socket.AF_INET6),
+                    absent_when=NO_IPV6, absent_means="only the ARP table is tuned",
                     figures=(NDISC_REFUSALS,))
     NEARLY_FULL = Scenario("neighbour table nearly full",
                            "neighbour table is nearly full, preventing new entries from being "

@@ -138,10 +138,11 @@ class NetBufferTuner(Tuner):
     MAX_BACKLOG = Tunable("net.core.netdev_max_backlog", ceiling=_backlog_ceiling,
                           figures=(BACKLOG_DROPS,))
     # A hex cpumask; BPF sees the first 63 CPUs' bits as a number.
-    # Optional: kernels built without CONFIG_NET_FLOW_LIMIT have no such sysctl (a 6.18 VM
-    # kernel here); the backlog is then still tuned.
     FLOW_LIMIT_CPU_BITMAP = Tunable("net.core.flow_limit_cpu_bitmap", string=True,
                                     optional=True,
+                                    absent_when="built without CONFIG_NET_FLOW_LIMIT",
+                                    absent_means="backlog drops grow the backlog, and no "
+                                                 "CPU is given flow limits",
                                     ceiling=_all_cpus,
                                     as_number=lambda t: parse_cpumask(t) & ((1 << 63) - 1),
                                     figures=(BACKLOG_DROPS,))
@@ -194,10 +195,6 @@ class NetBufferTuner(Tuner):
 
     def init(self) -> None:
         log.debug(f"{self.name}: task wait share from {procnet.cpu_wait_source()}")
-        if not self._has_flow_limits():
-            log.notice(f"{self.name}: this kernel has no {self.FLOW_LIMIT_CPU_BITMAP.name} "
-                       "(built without CONFIG_NET_FLOW_LIMIT): backlog drops grow the "
-                       "backlog, and no CPU is given flow limits")
         self._enable_high_order_allocs()
         self.tick(time.monotonic())  # baselines, so the first tick can act
 
@@ -231,13 +228,6 @@ class NetBufferTuner(Tuner):
                         due_to("excessive drops,", tunable), expect=event.old_values(1))
         elif tunable == self.FLOW_LIMIT_CPU_BITMAP:
             self._limit_flows(int(event.metric[0]))
-
-    def _has_flow_limits(self) -> bool:
-        try:
-            self.value(self.FLOW_LIMIT_CPU_BITMAP)
-        except SysctlError:
-            return False
-        return True
 
     def _limit_flows(self, cpu: int) -> None:
         tunable = self.FLOW_LIMIT_CPU_BITMAP

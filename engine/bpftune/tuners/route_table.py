@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bpftune.btf import Btf, BtfError
 from bpftune.hooks import NotNeeded, PlanError
-from bpftune.tuner import Scenario, Tunable, Tuner
+from bpftune.tuner import NO_IPV6, Scenario, Tunable, Tuner
 
 ENFORCEMENT_REMOVED = ("this kernel does not enforce net.ipv6.route.max_size (dst_ops.gc "
                        "returns void since Linux commit af6d10345ca7, the CVE-2023-52340 fix)")
@@ -22,7 +22,8 @@ class RouteTableTuner(Tuner):
     name = "route_table"
     pmda_cluster = 18
     reports_only = True
-    MAX_SIZE = Tunable("net.ipv6.route.max_size", namespaced=True, optional=True)
+    MAX_SIZE = Tunable("net.ipv6.route.max_size", namespaced=True, optional=True,
+                       absent_when=NO_IPV6, absent_means="there is no table to watch")
     TABLE_NEARLY_FULL = Scenario("destination table nearly full",
                                  "destination table is nearly full, preventing new entries "
                                  "from being added.")
