@@ -81,8 +81,9 @@ class Plan:
     window: int = 30  # scale: idle window with and without the namespaces, each round
     scale_rounds: int = 2  # scale: none, then the namespaces, alternated
     # scale: new namespaces whose reaction is timed, each round (about 20 ms each; 10
-    # until 2026-12-03). The CPU-per-namespace ratio still follows the host's speed: one
-    # run's rounds gave 1.558 and 0.803 (bench/README).
+    # until 2026-12-03). The CPU-per-namespace ratio moves with the host's speed (one
+    # run's rounds: 0.865 and 1.359), and it found two walks of every namespace at each
+    # destruction (bench/README, 2026-12-04).
     churns: int = 50
     sampler_ticks: int = 10  # scale: busy ticks of the verifier's sampler timed
     pmda_rounds: int = 40
@@ -640,7 +641,7 @@ def scale(tmp: Path, plan: Plan) -> list[Figure]:
     """No other namespaces and ``plan.namespaces`` of them, alternated, which goes first
     turning each round (the host's speed drifts over minutes: a ratio of two windows taken
     one after the other showed it; the daemon's CPU per new namespace follows the time
-    each takes, 13-21 ms, which moved by 1.6 times between rounds)."""
+    each takes, 12-21 ms)."""
     sysctls = Sysctls()
     # New namespaces copy the global tcp_rmem: squeezed, bpftune grows it in each.
     sysctls.set(RMEM, SQUEEZED[RMEM])

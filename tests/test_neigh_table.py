@@ -18,7 +18,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections import namedtuple
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from pyroute2 import NetNS
@@ -28,7 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from bpftune.learning import LearningRate
 from bpftune.neigh import device_prefixes, reasonable_max
 from bpftune.sysctl import INT_MAX
-from bpftune.tuners.neigh_table import grown, shrunk
+from bpftune.tuners.neigh_table import FORGET_BATCH, NeighTableTuner, grown, shrunk
 from helpers import (
     BPFTUNE,
     VERIFY_WINDOWS,
@@ -289,3 +291,36 @@ def test_shrinking_stops_at_the_values_before_bpftune():
     rate = LearningRate()
     assert shrunk((100, 200, 400), (16, 32, 64), rate) == (75, 150, 300)
     assert shrunk((20, 40, 80), (16, 32, 64), rate) == (16, 32, 64)
+
+
+DeviceKey = namedtuple("DeviceKey", "netns_cookie ifindex family")
+
+
+def test_device_counts_of_destroyed_namespaces_go_in_one_walk_a_tick():
+    """A destruction only notes the namespace: each tick forgets the device counts of all
+    those destroyed since in one walk of neigh_devices (a walk at each destruction cost as
+    much as every namespace's devices), and they are not published meanwhile."""
+    walks = []
+
+    class Devices(dict):
+        def __iter__(self):
+            walks.append(len(self))
+            return super().__iter__()
+
+    counts = SimpleNamespace(created=3, refused=0, dev=b"eth0")
+    devices = Devices({DeviceKey(c, 2, socket.AF_INET): counts for c in range(1, 1001)})
+    engine = SimpleNamespace(namespaces=SimpleNamespace(name=lambda c: f"ns{c}"))
+    t = NeighTableTuner(engine, 0)  # type: ignore[arg-type]
+    t.bpf = {"neigh_devices": devices}
+    for cookie in (5, 6, 7):
+        t.netns_destroyed(cookie)
+    assert walks == [] and len(devices) == 1000 and t.departed == {5, 6, 7}
+    published = t.published_values()["device_created"]
+    assert len(published) == 997 and "ns5/eth0/arp_cache" not in published
+    walks.clear()
+    t.tick(0.0)
+    assert walks == [1000] and len(devices) == 997 and not t.departed
+    assert DeviceKey(5, 2, socket.AF_INET) not in devices
+    for cookie in range(100, 100 + FORGET_BATCH):  # without ticks (handed over): bounded
+        t.netns_destroyed(cookie)
+    assert walks == [1000, 997] and len(devices) == 997 - FORGET_BATCH

@@ -43,6 +43,10 @@ ENTRY_BYTES = 512
 #: each further such period (the kernel itself drops unused entries after gc_stale_time,
 #: 60 s).
 QUIET_SECONDS = 30
+#: Destroyed namespaces whose device counts are forgotten in one walk of neigh_devices (at
+#: the next tick, or once this many are waiting): a walk at each destruction cost as much
+#: as every namespace's devices (up to the map's 4096).
+FORGET_BATCH = 256
 POSITIONS = ("thresh1", "thresh2", "thresh3")
 
 
@@ -145,6 +149,7 @@ class NeighTableTuner(Tuner):
         self.bounded: dict[tuple[str, int, int], tuple[int, ...]] = {}
         self.quiet_since: dict[str, float] = {}  # tunable -> when its table went quiet
         self.present: list[Tunable] = []
+        self.departed: set[int] = set()  # namespaces destroyed, their devices still counted
 
     def init(self) -> None:
         if not neigh.settable_here():
@@ -162,10 +167,16 @@ class NeighTableTuner(Tuner):
 
     def netns_destroyed(self, cookie: int) -> None:
         self.bounded = {k: v for k, v in self.bounded.items() if k[1] != cookie}
-        if self.bpf is not None:
+        self.departed.add(cookie)
+        if len(self.departed) >= FORGET_BATCH:  # also when not ticked (handed over)
+            self._forget_departed_devices()
+
+    def _forget_departed_devices(self) -> None:
+        if self.departed and self.bpf is not None:
             devices = self.bpf["neigh_devices"]
-            for key in [k for k in devices if k.netns_cookie == cookie]:
+            for key in [k for k in devices if k.netns_cookie in self.departed]:
                 del devices[key]
+        self.departed.clear()
 
     # Growth (events from BPF).
     def handle(self, event: Event) -> None:
@@ -220,6 +231,7 @@ class NeighTableTuner(Tuner):
 
     # Shrinking, and changes by others (every second).
     def tick(self, now: float) -> None:
+        self._forget_departed_devices()
         for tunable in self.present:
             record = self.engine.changes.records.get((tunable.name, GLOBAL))
             if record is None:  # only what bpftune grew is shrunk
@@ -277,6 +289,8 @@ class NeighTableTuner(Tuner):
             "device_created": {}, "device_refused": {}}
         if self.bpf is not None:
             for key, counts in self.bpf["neigh_devices"].items():
+                if key.netns_cookie in self.departed:
+                    continue
                 instance = (f"{self.engine.namespaces.name(key.netns_cookie)}/"
                             f"{counts.dev.decode(errors='replace')}/"
                             f"{neigh.TABLES.get(key.family, key.family)}")
