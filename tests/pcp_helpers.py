@@ -190,10 +190,15 @@ class Dbpmda:
             assert time.monotonic() < deadline, "the PMDA does not poll"
             time.sleep(0.05)
 
+    def _children(self) -> list[int]:
+        with contextlib.suppress(FileNotFoundError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            return [int(p) for p in children.read_text().split()]
+        return []
+
     def pmda_pid(self) -> int:
         """The PMDA, dbpmda's child."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        pids = [int(p) for p in children.split()]
+        pids = self._children()
         assert len(pids) == 1, f"dbpmda's children: {pids}"
         return pids[0]
 
@@ -201,18 +206,13 @@ class Dbpmda:
         """Send the PMDA a signal and wait until it has exited (dbpmda reaps it later)."""
         pid = self.pmda_pid()
         os.kill(pid, sig)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
-                    return
-            except FileNotFoundError:
-                return
-            assert time.monotonic() < deadline, f"the PMDA ignores signal {sig}"
-            time.sleep(0.05)
+        _wait_exited(pid, f"the PMDA ignores signal {sig}")
 
     def close(self) -> None:
+        """Quit dbpmda, and wait for the PMDA too: it saves its counters file in var_dir
+        as it stops, which a test's teardown then removes."""
         if self.proc.poll() is None:
+            pmda = self._children()
             with contextlib.suppress(BrokenPipeError):
                 assert self.proc.stdin
                 self.proc.stdin.write(b"quit\n")
@@ -222,12 +222,27 @@ class Dbpmda:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            for pid in pmda:
+                _wait_exited(pid, "the PMDA does not stop when dbpmda quits")
 
     def __enter__(self) -> Dbpmda:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wait_exited(pid: int, failure: str) -> None:
+    """Until the process ``pid`` has exited (a zombie, or reaped)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
 
 
 def fetched(output: str, pmid: str) -> dict[str | None, str]:
