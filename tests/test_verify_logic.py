@@ -445,7 +445,7 @@ def test_a_destroyed_namespace_not_yet_forgotten_by_the_verifier_is_not_looked_f
     it would walk every namespace (50 ms with 1000) and find nothing."""
     namespaces = Namespaces()
     try:
-        scans: list[float] = []
+        scans: list[int] = []
         monkeypatch.setattr(namespaces, "_full_scan_allowed", lambda: True)
         monkeypatch.setattr(namespaces, "scan", lambda: scans.append(1) or [])
         sampler = Sampler(namespaces, [RETRANS], W, readers={"snmp": lambda keys: {}},
