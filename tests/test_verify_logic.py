@@ -94,9 +94,6 @@ class FakeNamespaces:
     def newest(self, count):
         return []
 
-    def tracked(self, cookie):
-        return True
-
 
 class FakeChanges:
     """What the verifier asks of Changes: live values, revert, audit."""
@@ -441,8 +438,9 @@ def test_sampled_scopes_are_global_and_the_newest_namespaces_up_to_the_cap():
 def test_a_destroyed_namespace_not_yet_forgotten_by_the_verifier_is_not_looked_for(
         monkeypatch):
     """The netns watch thread forgets a destroyed namespace (Namespaces.forget) before the
-    engine's lock lets the verifier forget it too. A tick in between skips it: looking for
-    it would walk every namespace (50 ms with 1000) and find nothing."""
+    engine's lock lets the verifier forget it too. A tick in between is told it is gone
+    (Namespaces remembers namespaces destroyed lately): looking for it would walk every
+    namespace (50 ms with 1000) and find nothing."""
     namespaces = Namespaces()
     try:
         scans: list[int] = []

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ SO_NETNS_COOKIE = 71
 NETNS_RUN_DIR = "/run/netns"
 RESCAN_SECONDS = 5  # how often to look again for a namespace that could not be found
 FULL_SCAN_SECONDS = 1  # walking /proc is costly: at most one full scan a second
+# Namespaces destroyed lately, known as gone without a look (cookies are never reused): the
+# engine forgets one after the netns watch does, and a look meanwhile walked them all.
+DESTROYED_REMEMBERED = 1024
 # An event names its process, not the thread that sent it: a thread that entered another
 # namespace (setns) is looked for among the first of these.
 MAX_THREADS_LOOKED_AT = 64
@@ -135,6 +139,7 @@ class Namespaces:
         # Cookies registered and not destroyed: a namespace whose path went stale (the
         # process it was found through exited) and is found again is not new.
         self._tracked: set[int] = set()
+        self._destroyed: OrderedDict[int, None] = OrderedDict()  # DESTROYED_REMEMBERED
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -375,6 +380,9 @@ class Namespaces:
         """Drop all that is known of the namespace: in O(1), since with many namespaces
         each destruction does it."""
         with self._lock:
+            self._destroyed[cookie] = None
+            if len(self._destroyed) > DESTROYED_REMEMBERED:
+                self._destroyed.popitem(last=False)
             self._by_cookie.pop(cookie, None)
             self._tracked.discard(cookie)
             self._unnamed.discard(cookie)
@@ -428,9 +436,9 @@ class Namespaces:
             self._unnamed.add(cookie)
         if pid > 0 and (found := self._from_process(cookie, pid)) is not None:
             return found
-        if cookie in self._tracked and self._gone(cookie):
-            # Freed, and soon reported so (destroyed): it is forgotten then, with the
-            # tuners' state for it.
+        if cookie in self._destroyed or (cookie in self._tracked and self._gone(cookie)):
+            # Freed, and reported so (destroyed) or soon to be: it is forgotten then, with
+            # the tuners' state for it.
             raise NetnsError(f"network namespace with cookie {cookie} is gone")
         if cookie in self._unnamed:
             # Its name was removed (ip netns del, a CNI plugin's teardown): its owner is

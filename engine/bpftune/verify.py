@@ -435,10 +435,6 @@ class Sampler:
             for stale in set(self.rings) - set(scopes):
                 self._drop(stale)
         for cookie in scopes:
-            if not isinstance(cookie, tuple) and not self.namespaces.tracked(cookie):
-                # Destroyed, and not yet forgotten here (the engine's lock is this tick's):
-                # looking for it would walk every namespace (50 ms with 1000), in vain.
-                continue
             only = None
             if quiet and cookie not in self.pinned and not isinstance(cookie, tuple):
                 only = UNPACKETED  # global: what is not packets still counts
